@@ -1,0 +1,434 @@
+"""The adapted layer: a base layer plus named adapters.
+
+Every method is written once, in matrix form, against :class:`LayerOps`: a tiny description of how a base layer
+kind (Linear, transformers Conv1D, Embedding, Conv2d, 4-bit Linear) maps to a ``[out, in]`` weight matrix and how an
+r-wide low-rank path goes through it (``down``: input -> r, ``up``: r -> output). So no method file branches on the
+layer type, and no layer code branches on the method.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .methods.base import Adapter
+
+
+class UnsupportedLayer(TypeError):
+    """A targeted module cannot be adapted."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layer kinds
+# ---------------------------------------------------------------------------------------------------------------
+class LayerOps:
+    """How a base layer kind looks in ``[out, in]`` matrix form. Stateless apart from the base module's geometry."""
+
+    kind = "linear"
+    out_dim = -1  # dimension of the output that indexes output units
+    quantized = False
+
+    def __init__(self, base: nn.Module):
+        self.base = base
+
+    # geometry
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    # weight as an [out, in] matrix
+    def weight_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = self.base.weight.detach()
+        return w if dtype is None else w.to(dtype)
+
+    def set_weight_matrix(self, matrix: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.base.weight.copy_(matrix.to(self.base.weight.dtype))
+
+    # the low-rank path
+    def down(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """x -> x Aᵀ for A of shape [r, in]."""
+        return F.linear(x, a)
+
+    def up(self, z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """z -> z Bᵀ for B of shape [out, r]."""
+        return F.linear(z, b)
+
+    def up_add(self, y: torch.Tensor, z: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        """y + scale · z Bᵀ in one fused GEMM where the layout allows it."""
+        if y.dim() >= 2 and y.is_contiguous() and z.is_contiguous():
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), b.t(), alpha=scale)
+            return out.view(y.shape)
+        return y + self.up(z, b) * scale
+
+    def linear(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        """x through a full ``[out, in]`` matrix, laid out like this layer (no bias)."""
+        return F.linear(x, matrix)
+
+    def base_forward_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.base.weight)
+
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
+    def per_out(self, v: torch.Tensor) -> torch.Tensor:
+        """Reshape a per-output-unit vector to broadcast against this layer's output."""
+        return v
+
+    def per_mid(self, v: torch.Tensor) -> torch.Tensor:
+        """Reshape a per-rank vector to broadcast against the r-wide activations from :meth:`down`."""
+        return v
+
+    def adapter_dtype(self) -> torch.dtype:
+        """Adapters train in fp32 on low-precision bases (as PEFT's autocast_adapter_dtype does)."""
+        dtype = self.weight_matrix().dtype if self.quantized else self.base.weight.dtype
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point else dtype
+
+    def device(self) -> torch.device:
+        return next(t for t in list(self.base.parameters()) + list(self.base.buffers())).device
+
+    def supports_dropout(self) -> bool:
+        return True
+
+
+class Conv1DOps(LayerOps):
+    """transformers' GPT-2 ``Conv1D``: weight stored as [in, out] (fan-in-fan-out)."""
+
+    kind = "conv1d"
+
+    @property
+    def in_features(self) -> int:
+        return self.base.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.base.weight.shape[1]
+
+    def weight_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = self.base.weight.detach().t()
+        return w if dtype is None else w.to(dtype)
+
+    def set_weight_matrix(self, matrix: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.base.weight.copy_(matrix.t().to(self.base.weight.dtype))
+
+    def base_forward_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.base.weight
+
+
+class EmbeddingOps(LayerOps):
+    """``nn.Embedding`` seen as a linear map from one-hot vectors: in = num_embeddings, out = embedding_dim."""
+
+    kind = "embedding"
+
+    @property
+    def in_features(self) -> int:
+        return self.base.num_embeddings
+
+    @property
+    def out_features(self) -> int:
+        return self.base.embedding_dim
+
+    def weight_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = self.base.weight.detach().t()
+        return w if dtype is None else w.to(dtype)
+
+    def set_weight_matrix(self, matrix: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.base.weight.copy_(matrix.t().to(self.base.weight.dtype))
+
+    def down(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        return F.embedding(x, a.t(), base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                           base.sparse)
+
+    def linear(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, matrix.t())
+
+    def base_forward_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x)
+
+    def supports_dropout(self) -> bool:
+        return False  # dropout on token indices is meaningless; PEFT applies none either
+
+
+class Conv2dOps(LayerOps):
+    """``nn.Conv2d`` (groups=1): in = in_channels·kh·kw, out = out_channels; A is a conv, B a 1x1 conv."""
+
+    kind = "conv2d"
+    out_dim = 1
+
+    @property
+    def in_features(self) -> int:
+        w = self.base.weight
+        return w.shape[1] * w.shape[2] * w.shape[3]
+
+    @property
+    def out_features(self) -> int:
+        return self.base.weight.shape[0]
+
+    def weight_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = self.base.weight.detach().reshape(self.base.weight.shape[0], -1)
+        return w if dtype is None else w.to(dtype)
+
+    def set_weight_matrix(self, matrix: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.base.weight.copy_(matrix.reshape(self.base.weight.shape).to(self.base.weight.dtype))
+
+    def _conv(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        return F.conv2d(x, kernel, None, base.stride, base.padding, base.dilation)
+
+    def down(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return self._conv(x, a.reshape(a.shape[0], *self.base.weight.shape[1:]))
+
+    def up(self, z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(z, b[:, :, None, None])
+
+    def up_add(self, y: torch.Tensor, z: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        return y + self.up(z, b) * scale
+
+    def linear(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        return self._conv(x, matrix.reshape(self.base.weight.shape))
+
+    def base_forward_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv(x, self.base.weight)
+
+    def per_out(self, v: torch.Tensor) -> torch.Tensor:
+        return v.reshape(-1, 1, 1)
+
+    def per_mid(self, v: torch.Tensor) -> torch.Tensor:
+        return v.reshape(-1, 1, 1)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def ops_for(module: nn.Module) -> LayerOps:
+    """The :class:`LayerOps` for a base module, or :class:`UnsupportedLayer` naming the type and what is supported.
+
+    Example:
+        >>> ops_for(nn.Linear(4, 3)).out_features
+        3
+    """
+    try:  # local import: quant imports this module
+        from .quant.linear4bit import Linear4bit
+    except ImportError:  # pragma: no cover - quant is part of the package
+        Linear4bit = ()
+
+    if Linear4bit and isinstance(module, Linear4bit):
+        from .quant.ops import Linear4bitOps
+
+        return Linear4bitOps(module)
+    if isinstance(module, nn.Linear):
+        return LayerOps(module)
+    if _is_conv1d(module):
+        return Conv1DOps(module)
+    if isinstance(module, nn.Embedding):
+        return EmbeddingOps(module)
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros":
+            raise UnsupportedLayer(
+                f"Conv2d with groups={module.groups}, padding_mode={module.padding_mode!r} is not supported; "
+                "only groups=1 and padding_mode='zeros' can be adapted (exclude this module)."
+            )
+        return Conv2dOps(module)
+    raise UnsupportedLayer(
+        f"{type(module).__name__} cannot be adapted; supported types: nn.Linear, transformers Conv1D, "
+        "nn.Embedding, nn.Conv2d, lorakit Linear4bit."
+    )
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    try:
+        ops_for(module)
+        return True
+    except UnsupportedLayer:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The adapted layer
+# ---------------------------------------------------------------------------------------------------------------
+class AdaptedLayer(nn.Module):
+    """A base layer plus named adapters. Created by :func:`lorakit.attach`; users rarely build one by hand.
+
+    Forward: ``base(x)`` plus, for every active un-merged adapter, that adapter's contribution; in a routed batch
+    (:func:`lorakit.route`) each example gets only its own adapter's contribution.
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.ops = ops_for(base)
+        self.active: list[str] = []
+        self.merged: list[str] = []  # merge order, unmerged in reverse
+        self.disabled = False
+        self._route: "RouteState | None" = None
+        self._live: list["Adapter"] = []
+
+    # -- attribute pass-through so code reading e.g. `layer.weight.dtype` keeps working -------------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = super().__getattr__("base")
+            return getattr(base, name)
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Recompute the list of adapters the fast path runs (call after any state change)."""
+        if self.disabled:
+            self._live = []
+        else:
+            self._live = [self.adapters[n] for n in self.active if n in self.adapters and n not in self.merged]
+
+    def add(self, name: str, adapter: "Adapter") -> None:
+        self.adapters[name] = adapter
+        self.refresh()
+
+    def remove(self, name: str) -> None:
+        """Remove one adapter; a merged one is unmerged first, a base shift it applied is undone."""
+        if name in self.merged:
+            self.unmerge(names=[name])
+        adapter = self.adapters[name]
+        shift = adapter.base_shift()
+        if shift is not None:
+            self._apply_weight(lambda w: w - shift)
+        del self.adapters[name]
+        self.active = [n for n in self.active if n != name]
+        self.refresh()
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.active = [n for n in names if n in self.adapters]
+        self.refresh()
+
+    def _apply_weight(self, fn) -> None:
+        w32 = self.ops.weight_matrix(torch.float32)
+        self.ops.set_weight_matrix(fn(w32))
+        for adapter in self.adapters.values():
+            adapter.on_base_changed()
+
+    # -- merge ----------------------------------------------------------------------------------------------
+    def merge(self, names: Iterable[str]) -> None:
+        names = [n for n in names if n in self.adapters and n not in self.merged]
+        if not names:
+            return
+        if self.ops.quantized:
+            # Merging into 4-bit would silently change the function; dequantise to the compute dtype instead.
+            self.base = self.ops.densify()
+            self.ops = ops_for(self.base)
+            for adapter in self.adapters.values():
+                adapter.on_base_changed()
+        w32 = self.ops.weight_matrix(torch.float32)
+        for name in names:
+            w32 = self.adapters[name].merge_into(self, w32)
+            self.merged.append(name)
+        self.ops.set_weight_matrix(w32)
+        for adapter in self.adapters.values():
+            adapter.on_base_changed()
+        self.refresh()
+
+    def unmerge(self, names: Iterable[str] | None = None) -> None:
+        wanted = set(self.merged if names is None else names)
+        if not wanted & set(self.merged):
+            return
+        w32 = self.ops.weight_matrix(torch.float32)
+        # Undo in reverse merge order; adapters merged after a wanted one are undone and redone to keep exactness.
+        redo = []
+        while wanted & set(self.merged):
+            name = self.merged.pop()
+            w32 = self.adapters[name].unmerge_from(self, w32)
+            if name not in wanted:
+                redo.append(name)
+        for name in reversed(redo):
+            w32 = self.adapters[name].merge_into(self, w32)
+            self.merged.append(name)
+        self.ops.set_weight_matrix(w32)
+        for adapter in self.adapters.values():
+            adapter.on_base_changed()
+        self.refresh()
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base(x, *args, **kwargs)
+        if self._route is not None and not self.disabled:
+            return self._routed_forward(x, y)
+        if self._shift_adapters_off():
+            y = self._undo_shifts(x, y, keep=self.active)
+        for adapter in self._live:
+            y = adapter.apply(self, x, y)
+        return y
+
+    def _shift_adapters_off(self) -> bool:
+        """True if some adapter that shifted the base weight is not part of the current computation."""
+        for name, adapter in self.adapters.items():
+            if adapter.shifts_base and (self.disabled or name not in self.active) and name not in self.merged:
+                return True
+        return False
+
+    def _undo_shifts(self, x: torch.Tensor, y: torch.Tensor, keep: Iterable[str]) -> torch.Tensor:
+        keep = set(keep) if not self.disabled else set()
+        for name, adapter in self.adapters.items():
+            if adapter.shifts_base and name not in keep and name not in self.merged:
+                y = y - adapter.shift_output(self, x).to(y.dtype)
+        return y
+
+    def _routed_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        route = self._route
+        if self.merged:
+            raise RuntimeError(
+                f"route() cannot run with merged adapters {self.merged}: their deltas are inside the weights of "
+                "every example. Call lorakit.unmerge(model) first."
+            )
+        if x.shape[0] != route.batch_size:
+            raise ValueError(
+                f"route() was given {route.batch_size} adapter names but the layer input has batch size "
+                f"{x.shape[0]}; pass one name (or None) per example."
+            )
+        pieces = []
+        for name, index in route.groups(x.device):
+            xs, ys = x.index_select(0, index), y.index_select(0, index)
+            ys = self._undo_shifts(xs, ys, keep=[name] if name is not None else [])
+            if name is not None and name in self.adapters:
+                ys = self.adapters[name].apply(self, xs, ys)
+            pieces.append((index, ys))
+        out = y
+        for index, ys in pieces:
+            out = out.index_copy(0, index, ys)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.adapters)}, active={self.active}, merged={self.merged}"
+
+
+class RouteState:
+    """Per-example adapter assignment shared by every layer during a :func:`lorakit.route` block."""
+
+    def __init__(self, names: Sequence[str | None]):
+        self.names = list(names)
+        self.batch_size = len(self.names)
+        order: dict[str | None, list[int]] = {}
+        for i, n in enumerate(self.names):
+            order.setdefault(n, []).append(i)
+        self._groups = list(order.items())
+        self._cache: dict[torch.device, list[tuple[str | None, torch.Tensor]]] = {}
+
+    def groups(self, device: torch.device) -> list[tuple[str | None, torch.Tensor]]:
+        if device not in self._cache:
+            self._cache[device] = [(n, torch.tensor(ix, dtype=torch.long, device=device)) for n, ix in self._groups]
+        return self._cache[device]
+

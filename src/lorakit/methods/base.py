@@ -1,0 +1,178 @@
+"""The strategy every family member implements.
+
+An :class:`Adapter` is the per-layer state of one method (its parameters) plus the few verbs that differ between
+methods. The defaults here are plain LoRA-shaped behaviour, so a method overrides only what differs:
+
+* ``init_weights``  – initialise parameters from the base weight; may return a new base weight (PiSSA's residual)
+* ``apply``         – the forward contribution: ``y -> y + delta(x)``
+* ``delta_weight``  – the dense ``[out, in]`` change the adapter makes (fp32), used by merge/combine
+* ``merge_into`` / ``unmerge_from`` – default ``W ± delta_weight``; DoRA overrides
+* ``base_shift``    – what the adapter added to the frozen base weight (PiSSA residual, Delta-LoRA updates)
+* training hooks    – ``regularization`` (extra loss), ``after_step`` (after optimizer.step), ``finish``
+* ``param_role``    – how LoRA+ groups each parameter ("A", "B", "vector", "embedding")
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import AdapterConfig
+    from ..layers import AdaptedLayer, LayerOps
+
+
+def layer_generator(config: "AdapterConfig", path: str) -> torch.Generator:
+    """A CPU generator for one layer's init: seeded from config.seed and the layer path, or from the global RNG."""
+    gen = torch.Generator(device="cpu")
+    if config.seed is None:
+        gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+    else:
+        gen.manual_seed((config.seed * 1_000_003 + zlib.crc32(path.encode())) % 2**62)
+    return gen
+
+
+def kaiming_uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Generator, a: float = 5**0.5) -> torch.Tensor:
+    """``nn.init.kaiming_uniform_`` (leaky-relu gain with slope ``a``) drawn from ``generator``, in fp32 on CPU."""
+    gain = (2.0 / (1 + a * a)) ** 0.5
+    bound = gain * (3.0 / fan_in) ** 0.5
+    return torch.rand(shape, generator=generator) * (2 * bound) - bound
+
+
+class Adapter(nn.Module):
+    """Base class of a method's per-layer adapter. See the module docstring for the verbs."""
+
+    method: ClassVar[str] = ""
+    #: True if the method needs its training hooks called (warns once when steps happen without them)
+    needs_hooks: ClassVar[bool] = False
+    #: True if the method may add to the frozen base weight (PiSSA, Delta-LoRA)
+    shifts_base: bool = False
+    #: which config init values the method accepts
+    allowed_inits: ClassVar[tuple[str, ...]] = ("kaiming",)
+    #: False if the method's layer function cannot be folded into the base weight
+    mergeable: ClassVar[bool] = True
+    #: parameters that exist but never train (LoRA-FA's A)
+    frozen_params: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, ops: "LayerOps", config: "AdapterConfig", path: str, shared: nn.Module | None = None):
+        super().__init__()
+        self.path = path
+        self.r = config.rank_for(path)
+        self.scaling = config.scaling_value(path)
+        self.in_features = ops.in_features
+        self.out_features = ops.out_features
+        self.layer_kind = ops.kind
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 and ops.supports_dropout() else nn.Identity()
+
+    # -- configuration ----------------------------------------------------------------------------------------
+    @classmethod
+    def validate_config(cls, config: "AdapterConfig") -> None:
+        """Method-specific checks; raise ValueError naming the field, the value and what is allowed."""
+        if config.init not in cls.allowed_inits:
+            raise ValueError(
+                f"AdapterConfig.init={config.init!r} is not available for method={config.method!r}; "
+                f"allowed: {', '.join(cls.allowed_inits)}"
+            )
+
+    @classmethod
+    def check_layer(cls, ops: "LayerOps", config: "AdapterConfig", path: str) -> None:
+        """Raise UnsupportedLayer/ValueError if this method cannot adapt this layer (called before any change)."""
+
+    @classmethod
+    def make_shared(cls, config: "AdapterConfig", targets: list[tuple[str, "LayerOps"]], name: str,
+                    existing: nn.Module | None = None) -> nn.Module | None:
+        """State shared by all layers of one adapter (VeRA's random pair, LoRA-drop's shared pair)."""
+        return None
+
+    # -- verbs ------------------------------------------------------------------------------------------------
+    def init_weights(self, layer: "AdaptedLayer", config: "AdapterConfig", generator: torch.Generator) -> Any:
+        """Initialise parameters. Return None, or a new fp32 ``[out, in]`` base weight, or a new base module."""
+        return None
+
+    def apply(self, layer: "AdaptedLayer", x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Return ``y`` plus this adapter's contribution for input ``x``."""
+        raise NotImplementedError
+
+    def delta_weight(self, layer: "AdaptedLayer") -> torch.Tensor:
+        """The dense ``[out, in]`` change (fp32) that :meth:`apply` adds."""
+        raise NotImplementedError
+
+    def merge_into(self, layer: "AdaptedLayer", w32: torch.Tensor) -> torch.Tensor:
+        return w32 + self.delta_weight(layer)
+
+    def unmerge_from(self, layer: "AdaptedLayer", w32: torch.Tensor) -> torch.Tensor:
+        return w32 - self.delta_weight(layer)
+
+    def base_shift(self) -> torch.Tensor | None:
+        """fp32 ``[out, in]`` tensor this adapter added to the base weight, or None."""
+        return None
+
+    def shift_output(self, layer: "AdaptedLayer", x: torch.Tensor) -> torch.Tensor:
+        """``x`` through :meth:`base_shift` (used to give other adapters and ``None`` routes the true base)."""
+        shift = self.base_shift()
+        return layer.ops.linear(x, shift.to(x.dtype))
+
+    def on_base_changed(self) -> None:
+        """The base weight changed (merge, Delta-LoRA update): drop caches derived from it."""
+
+    # -- training hooks -----------------------------------------------------------------------------------------
+    def regularization(self) -> torch.Tensor | None:
+        return None
+
+    # -- mixing -----------------------------------------------------------------------------------------------
+    def as_lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(A, B, s)`` with ``s·B A`` equal to this adapter's delta, for exact low-rank mixing."""
+        raise ValueError(f"method {self.method!r} has no exact low-rank form; use combine(how='svd')")
+
+    @classmethod
+    def combine(cls, layer: "AdaptedLayer", sources: list[tuple["Adapter", float]], how: str,
+                rank: int | None = None) -> "Adapter":
+        """A new adapter for ``layer`` mixing ``sources`` (adapter, weight); see :func:`lorakit.combine`."""
+        from .lora import LoraAdapter
+
+        if how == "svd":
+            delta = sum(w * a.delta_weight(layer) for a, w in sources)
+            k = min(rank or max(a.r for a, _ in sources), *delta.shape)
+            u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+            return LoraAdapter.from_factors(layer.ops, sources[0][0].path, vh[:k], u[:, :k] * sv[:k], 1.0)
+        factors = [(a.as_lora_factors(), w) for a, w in sources]
+        if how == "cat":
+            a = torch.cat([f[0].float() * (w * f[2]) for f, w in factors], dim=0)
+            b = torch.cat([f[1].float() for f, _ in factors], dim=1)
+            return LoraAdapter.from_factors(layer.ops, sources[0][0].path, a, b, 1.0)
+        ranks = {f[0].shape[0] for f, _ in factors}
+        if len(ranks) != 1:
+            raise ValueError(f"combine(how='linear') needs equal ranks; got {sorted(ranks)} (use 'cat' or 'svd')")
+        a = sum(math.copysign(math.sqrt(abs(w * f[2])), w * f[2]) * f[0].float() for f, w in factors)
+        b = sum(math.sqrt(abs(w * f[2])) * f[1].float() for f, w in factors)
+        return LoraAdapter.from_factors(layer.ops, sources[0][0].path, a, b, 1.0)
+
+    # -- bookkeeping --------------------------------------------------------------------------------------------
+    def is_trainable(self, param_name: str) -> bool:
+        return param_name.split(".")[-1] not in self.frozen_params
+
+    def param_role(self, param_name: str) -> str:
+        """LoRA+ role of a parameter: "A" (base lr), "B" (lr·ratio), "vector" (1-D), "embedding"."""
+        if self.layer_kind == "embedding":
+            return "embedding"
+        if param_name.endswith("B"):
+            return "B"
+        p = dict(self.named_parameters())[param_name]
+        return "vector" if p.dim() == 1 else "A"
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """Tensors to save: every parameter and persistent buffer, except shared state (saved once per adapter)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("shared.")}
+
+    def import_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`export_state` (shapes already checked by the loader)."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("shared.")]
+        if missing or unexpected:
+            raise ValueError(f"{self.path}: missing {missing}, unexpected {unexpected}")
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, r={self.r}, scaling={self.scaling:g}"

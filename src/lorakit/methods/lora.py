@@ -1,0 +1,154 @@
+"""LoRA (Hu et al. 2021) with its init choices (Init[A]/Init[B], Gaussian, orthogonal, PiSSA) and rsLoRA scaling.
+
+``ΔW = s·B A`` with ``A ∈ R^{r×in}``, ``B ∈ R^{out×r}``; forward ``y + s·(drop(x) Aᵀ) Bᵀ``.
+PiSSA (init="pissa"/"pissa_fast") puts the top-r singular part of W into A, B (singular values divided by s so
+that ``s·BA`` is exactly that part for any alpha) and replaces the base weight by the residual; the initial
+factors are kept as buffers so the adapter can be saved, removed (restoring W) or converted to a rank-2r LoRA for
+the original weights.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .base import Adapter, kaiming_uniform
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import AdapterConfig
+    from ..layers import AdaptedLayer, LayerOps
+
+PISSA_INITS = ("pissa", "pissa_fast")
+
+
+class LoraAdapter(Adapter):
+    """Plain LoRA. Subclasses reuse its A/B parameters, low-rank path and PiSSA handling."""
+
+    method = "lora"
+    allowed_inits = ("kaiming", "gaussian", "init_b", "orthogonal", "pissa", "pissa_fast", "loftq")
+
+    def __init__(self, ops: "LayerOps", config: "AdapterConfig", path: str, shared: nn.Module | None = None):
+        super().__init__(ops, config, path, shared)
+        dtype, device = ops.adapter_dtype(), ops.device()
+        self.A = nn.Parameter(torch.zeros(self.r, self.in_features, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(self.out_features, self.r, dtype=dtype, device=device))
+        self.init = config.init
+        if config.init in PISSA_INITS:
+            self.shifts_base = True
+            self.register_buffer("A0", torch.zeros_like(self.A))
+            self.register_buffer("B0", torch.zeros_like(self.B))
+
+    @classmethod
+    def check_layer(cls, ops: "LayerOps", config: "AdapterConfig", path: str) -> None:
+        r = config.rank_for(path)
+        if config.init == "orthogonal" and r % 2:
+            raise ValueError(f"init='orthogonal' needs an even rank; {path} has r={r} (use an even r/rank_pattern)")
+        if config.init in PISSA_INITS and r > min(ops.in_features, ops.out_features):
+            raise ValueError(
+                f"init={config.init!r} needs r <= min(in, out); {path} is {ops.out_features}x{ops.in_features} "
+                f"with r={r}"
+            )
+        if config.init == "loftq" and not ops.quantized and ops.kind != "linear":
+            raise ValueError(f"init='loftq' quantises the base to NF4 and needs nn.Linear layers; {path} is "
+                             f"{ops.kind} (exclude it or use another init)")
+
+    # -- init -------------------------------------------------------------------------------------------------
+    def init_weights(self, layer: "AdaptedLayer", config: "AdapterConfig", generator: torch.Generator):
+        r, n_in, n_out = self.r, self.in_features, self.out_features
+        init = config.init
+        a = b = None
+        if init in PISSA_INITS:
+            return self._init_pissa(layer, config, generator)
+        if init == "loftq":
+            from ..quant import loftq_attach
+
+            return loftq_attach(self, layer, config)
+        if self.layer_kind == "embedding" and init in ("kaiming", "gaussian"):
+            a = torch.zeros(r, n_in)  # loralib/PEFT embedding convention: A = 0, B ~ N(0, 1)
+            b = torch.randn(n_out, r, generator=generator)
+        elif init == "kaiming":
+            a = kaiming_uniform((r, n_in), n_in, generator)
+            b = torch.zeros(n_out, r)
+        elif init == "gaussian":
+            a = torch.randn(r, n_in, generator=generator) / r
+            b = torch.zeros(n_out, r)
+        elif init == "init_b":
+            a = torch.zeros(r, n_in)
+            b = kaiming_uniform((n_out, r), r, generator)
+        elif init == "orthogonal":
+            # Two orthogonal halves of an r×r rotation: A uses one, B the other, so BA = 0 with both non-zero.
+            q, _ = torch.linalg.qr(torch.randn(r, r, generator=generator))
+            a = (torch.randn(n_in, r // 2, generator=generator) @ q[0::2]).t() / 10.0
+            b = torch.randn(n_out, r // 2, generator=generator) @ q[1::2] / 10.0
+        self._set(a, b)
+        return None
+
+    def _set(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.A.copy_(a.to(self.A.device, self.A.dtype))
+            self.B.copy_(b.to(self.B.device, self.B.dtype))
+
+    def _init_pissa(self, layer: "AdaptedLayer", config: "AdapterConfig", generator: torch.Generator):
+        w = layer.ops.weight_matrix(torch.float32)
+        r, s = self.r, self.scaling
+        if config.init == "pissa":
+            u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+            u, sv, vh = u[:, :r], sv[:r], vh[:r]
+        else:  # randomised SVD; fork the RNG so a seeded config is reproducible without touching global state
+            with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
+                u, sv, v = torch.svd_lowrank(w, q=r, niter=config.pissa_niter)
+            vh = v.t()
+        root = (sv / s).sqrt()
+        a, b = root[:, None] * vh, u * root[None, :]
+        self._set(a, b)
+        with torch.no_grad():
+            self.A0.copy_(self.A)
+            self.B0.copy_(self.B)
+        return w - s * (self.B0.float() @ self.A0.float())
+
+    # -- forward / weights --------------------------------------------------------------------------------------
+    def apply(self, layer: "AdaptedLayer", x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        xa = self.dropout(x)
+        if xa.is_floating_point() and xa.dtype != self.A.dtype:
+            xa = xa.to(self.A.dtype)
+        z = layer.ops.down(xa, self.A)
+        if z.dtype == y.dtype:
+            return layer.ops.up_add(y, z, self.B, self.scaling)
+        return y + (layer.ops.up(z, self.B) * self.scaling).to(y.dtype)
+
+    def delta_weight(self, layer: "AdaptedLayer | None" = None) -> torch.Tensor:
+        return self.scaling * (self.B.float() @ self.A.float())
+
+    def base_shift(self) -> torch.Tensor | None:
+        if not self.shifts_base:
+            return None
+        return -self.scaling * (self.B0.float() @ self.A0.float())
+
+    def shift_output(self, layer: "AdaptedLayer", x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point():
+            x = x.to(self.A0.dtype)
+        return -self.scaling * layer.ops.up(layer.ops.down(x, self.A0), self.B0)
+
+    @classmethod
+    def from_factors(cls, ops: "LayerOps", path: str, a: torch.Tensor, b: torch.Tensor,
+                     scaling: float) -> "LoraAdapter":
+        """A plain LoRA adapter holding given factors (``ΔW = scaling·B A``)."""
+        from ..config import AdapterConfig
+
+        r = a.shape[0]
+        adapter = cls(ops, AdapterConfig(method="lora", r=r, alpha=float(scaling * r)), path)
+        adapter._set(a, b)
+        return adapter
+
+    def as_lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(A, B, s)`` of a plain LoRA with the same effect on the *original* base weight.
+
+        For PiSSA this is the rank-2r conversion ``s·[B | -B0]·[A ; A0]`` (methods.md §12).
+        """
+        if not self.shifts_base:
+            return self.A.detach(), self.B.detach(), self.scaling
+        a = torch.cat([self.A.detach(), self.A0], dim=0)
+        b = torch.cat([self.B.detach(), -self.B0], dim=1)
+        return a, b, self.scaling

@@ -1,0 +1,627 @@
+"""Attach adapters to any ``nn.Module`` and manage them: targeting, freezing, activation, merge, mix, route, unload.
+
+Every operation that changes a model first builds and checks everything it needs on the side, then commits in one
+go, so an error leaves the model exactly as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .layers import AdaptedLayer, RouteState, UnsupportedLayer, is_adaptable, ops_for
+from .methods import get_method
+from .methods.base import Adapter, layer_generator
+
+#: names of output heads that "all-linear" leaves alone (a model's output embedding is excluded too)
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler_head", "output_head")
+REGISTRY_ATTR = "_lorakit_registry"
+
+
+class AdapterRegistry:
+    """Model-level adapter bookkeeping. Kept in the model's ``__dict__`` (not as a submodule, so containers such
+    as ``nn.Sequential`` keep working); removed by :func:`unload`. Shared state modules are also registered
+    inside every adapter that uses them, so ``.to()``/``parameters()`` see them."""
+
+    def __init__(self) -> None:
+        self.configs: dict[str, AdapterConfig] = {}
+        self.layers: dict[str, list[str]] = {}  # adapter name -> adapted layer paths
+        self.modules_to_save: dict[str, list[str]] = {}
+        self.active: list[str] = []
+        self.shared: dict[str, nn.Module] = {}  # adapter name -> shared state (VeRA pair, LoRA-drop shared pairs)
+        self.extra: dict[str, dict[str, Any]] = {}  # per-adapter method bookkeeping (reports, schedules)
+
+    def __repr__(self) -> str:
+        return f"AdapterRegistry(adapters={list(self.configs)}, active={self.active})"
+
+
+def _registry(model: nn.Module) -> AdapterRegistry | None:
+    reg = model.__dict__.get(REGISTRY_ATTR)
+    return reg if isinstance(reg, AdapterRegistry) else None
+
+
+def registry(model: nn.Module) -> AdapterRegistry:
+    """The model's :class:`AdapterRegistry`; raises a clear error if nothing was attached."""
+    reg = _registry(model)
+    if reg is None:
+        raise ValueError("this model has no lorakit adapters; call lorakit.attach(model, config) first")
+    return reg
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    """``(path, layer)`` for every adapted layer (path of the original module)."""
+    for path, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            yield path, module
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# targeting
+# ---------------------------------------------------------------------------------------------------------------
+def _matches(spec: Any, path: str) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == name or path.endswith("." + name) for name in spec)
+
+
+def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules of the original model: adapters' internals and the registry are skipped."""
+    skip: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(s) for s in skip):
+            continue
+        if isinstance(module, AdaptedLayer):
+            skip.append(path + ".")
+        yield path, module
+
+
+def _output_heads(model: nn.Module) -> set[int]:
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            out = get_out()
+        except Exception:  # some models raise NotImplementedError
+            out = None
+        if out is not None:
+            heads.add(id(out))
+            if isinstance(out, AdaptedLayer):
+                heads.add(id(out.base))
+    return heads
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    base = module.base if isinstance(module, AdaptedLayer) else module
+    try:
+        return ops_for(base).kind in ("linear", "conv1d") and not isinstance(base, nn.Embedding)
+    except UnsupportedLayer:
+        return False
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
+    """Modules that ``config`` targets, as ``(path, module)``; a module may be an existing AdaptedLayer.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> [p for p, _ in find_targets(net, AdapterConfig(targets=["0"]))]
+        ['0']
+    """
+    heads = _output_heads(model)
+    keep = [m for m in config.modules_to_save]
+    found = []
+    for path, module in _candidate_modules(model):
+        if not path:
+            continue
+        if config.exclude is not None and _matches(config.exclude, path):
+            continue
+        if keep and _matches(keep, path):
+            continue
+        if config.targets == "all-linear":
+            if not _is_linear_like(module) or id(module) in heads:
+                continue
+            if any(part in HEAD_NAMES for part in path.split(".")):
+                continue
+            found.append((path, module))
+        elif _matches(config.targets, path):
+            found.append((path, module))
+    # a container matched by a name must not also hide its children: keep only the outermost? No — an explicit
+    # name that matches a container is an error (reported by the caller), like PEFT.
+    return found
+
+
+def adaptable_names(model: nn.Module) -> list[str]:
+    """Paths of every module that could be adapted (used in error messages)."""
+    return [p for p, m in _candidate_modules(model) if p and (isinstance(m, AdaptedLayer) or is_adaptable(m))]
+
+
+def _short_list(names: Sequence[str], limit: int = 40) -> str:
+    names = list(names)
+    text = ", ".join(names[:limit])
+    return text + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not name or "/" in name or "." in name or name.strip() != name:
+        raise ValueError(f"adapter name {name!r} is invalid; use a non-empty string without '.', '/' or spaces")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attach: build on the side, then commit
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    name: str
+    config: AdapterConfig
+    registry: AdapterRegistry
+    new_registry: bool
+    shared: nn.Module | None
+    entries: list[tuple[str, AdaptedLayer, bool, Adapter, Any]] = field(default_factory=list)
+    # (path, layer, layer_is_new, adapter, init_result)
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+def _parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, child = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), child
+
+
+def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = True) -> _Plan:
+    """Everything ``attach`` will do, computed without touching ``model``."""
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be a lorakit.AdapterConfig, got {type(config).__name__}")
+    _check_name(name)
+    reg = _registry(model)
+    if reg is not None and name in reg.configs:
+        raise ValueError(f"adapter name {name!r} is taken on this model (have: {list(reg.configs)}); "
+                         "pick another name or lorakit.delete(model, name) first")
+    method = get_method(config.method)
+    targets = find_targets(model, config)
+    if not targets:
+        raise ValueError(
+            f"targets={config.targets!r} matched no module. Adaptable modules: {_short_list(adaptable_names(model))}"
+        )
+    resolved = []
+    for path, module in targets:
+        if path == "":
+            raise ValueError("cannot adapt the root module itself; wrap it, e.g. nn.Sequential(layer)")
+        base = module.base if isinstance(module, AdaptedLayer) else module
+        try:
+            ops = module.ops if isinstance(module, AdaptedLayer) else ops_for(base)
+        except UnsupportedLayer as err:
+            raise UnsupportedLayer(f"{path}: {err}") from None
+        method.check_layer(ops, config, path)
+        resolved.append((path, module, ops))
+
+    mts = []
+    for pattern in config.modules_to_save:
+        hits = [p for p, _ in _candidate_modules(model) if p and _matches([pattern], p)]
+        if not hits:
+            raise ValueError(f"modules_to_save entry {pattern!r} matched no module")
+        mts.extend(hits)
+
+    new_registry = reg is None
+    reg = reg if reg is not None else AdapterRegistry()
+    shared = method.make_shared(config, [(p, ops) for p, _, ops in resolved], name,
+                                existing=None)
+    plan = _Plan(name=name, config=config, registry=reg, new_registry=new_registry, shared=shared,
+                 modules_to_save=sorted(set(mts)))
+    for path, module, ops in resolved:
+        is_new = not isinstance(module, AdaptedLayer)
+        layer = AdaptedLayer(module) if is_new else module
+        adapter = method(layer.ops, config, path, shared)
+        result = adapter.init_weights(layer, config, layer_generator(config, path)) if init else None
+        plan.entries.append((path, layer, is_new, adapter, result))
+    return plan
+
+
+def commit_plan(model: nn.Module, plan: _Plan, make_active: bool = True, trainable: bool = True) -> None:
+    """Apply a plan built by :func:`build_plan` (cannot fail halfway for valid plans)."""
+    reg = plan.registry
+    if plan.new_registry:
+        model.__dict__[REGISTRY_ATTR] = reg
+    for path, layer, is_new, adapter, result in plan.entries:
+        if is_new:
+            parent, child = _parent_of(model, path)
+            setattr(parent, child, layer)
+        if isinstance(result, nn.Module):  # init produced a new base module (e.g. LoftQ's quantised base)
+            layer.base = result
+            layer.ops = ops_for(result)
+            for other in layer.adapters.values():
+                other.on_base_changed()
+        elif isinstance(result, torch.Tensor):
+            layer._apply_weight(lambda w, new=result: new)
+        layer.add(plan.name, adapter)
+    reg.configs[plan.name] = plan.config
+    reg.layers[plan.name] = [p for p, *_ in plan.entries]
+    reg.modules_to_save[plan.name] = plan.modules_to_save
+    if plan.shared is not None:
+        reg.shared[plan.name] = plan.shared
+    # the new adapter trains; everything else freezes (except modules_to_save)
+    trainable_params = {id(p) for _, _, _, a, _ in plan.entries for p in a.parameters() if p.requires_grad}
+    if plan.shared is not None:
+        trainable_params |= {id(p) for p in plan.shared.parameters() if p.requires_grad}
+    for p in model.parameters():
+        p.requires_grad_(trainable and id(p) in trainable_params)
+    for path in plan.modules_to_save:
+        for p in model.get_submodule(path).parameters():
+            p.requires_grad_(trainable)
+    if make_active:
+        set_active(model, plan.name)
+
+
+def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.Module:
+    """Attach a new adapter to ``model`` in place and return the model.
+
+    The new adapter becomes the active one and the only trainable parameters (plus ``modules_to_save``); all
+    other parameters are frozen. Raises, leaving the model untouched, if nothing matches, the name is taken, or a
+    targeted layer is unsupported.
+
+    Example:
+        >>> import torch, lorakit
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2, targets=["0", "2"]))
+        >>> lorakit.adapter_names(net)
+        ['default']
+    """
+    plan = build_plan(model, config, name)
+    commit_plan(model, plan)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# management
+# ---------------------------------------------------------------------------------------------------------------
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters attached to ``model`` (attach order).
+
+    Example:
+        >>> import torch, lorakit
+        >>> lorakit.adapter_names(torch.nn.Linear(2, 2))
+        []
+    """
+    reg = _registry(model)
+    return list(reg.configs) if reg is not None else []
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """Names of the active adapters."""
+    reg = _registry(model)
+    return list(reg.active) if reg is not None else []
+
+
+def _check_known(model: nn.Module, names: Sequence[str]) -> AdapterRegistry:
+    reg = registry(model)
+    unknown = [n for n in names if n not in reg.configs]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(reg.configs)}")
+    return reg
+
+
+def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make ``names`` the active adapters; several active adapters add their deltas.
+
+    Example:
+        >>> import torch, lorakit
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2), name="a")
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2), name="b")
+        >>> lorakit.set_active(net, ["a", "b"]); lorakit.active_adapters(net)
+        ['a', 'b']
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    reg = _check_known(model, names)
+    reg.active = names
+    for _, layer in adapted_layers(model):
+        layer.set_active(names)
+
+
+def set_trainable(model: nn.Module, names: str | Sequence[str], trainable: bool = True) -> None:
+    """Switch ``requires_grad`` of the named adapters' own trainable parameters."""
+    names = [names] if isinstance(names, str) else list(names)
+    reg = _check_known(model, names)
+    for _, layer in adapted_layers(model):
+        for n in names:
+            if n in layer.adapters:
+                adapter = layer.adapters[n]
+                for pname, p in adapter.named_parameters():
+                    p.requires_grad_(trainable and adapter.is_trainable(pname))
+    for n in names:
+        if n in reg.shared:
+            for p in reg.shared[n].parameters():
+                p.requires_grad_(trainable)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model inside the block (merged adapters are unmerged for the block and merged back after).
+
+    Example:
+        >>> import torch, lorakit
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2))
+        >>> with lorakit.disabled(net):
+        ...     y = net(torch.randn(1, 4))
+    """
+    layers = [layer for _, layer in adapted_layers(model)]
+    remerge = {id(layer): list(layer.merged) for layer in layers}
+    for layer in layers:
+        layer.unmerge()
+        layer.disabled = True
+        layer.refresh()
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+            layer.merge(remerge[id(layer)])
+            layer.refresh()
+
+
+def delete(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` (unmerging it first if merged). The last adapter leaves plain layers behind.
+
+    Example:
+        >>> import torch, lorakit
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2))
+        >>> lorakit.delete(net, "default"); lorakit.adapter_names(net)
+        []
+    """
+    reg = _check_known(model, [name])
+    for path, layer in list(adapted_layers(model)):
+        if name in layer.adapters:
+            layer.remove(name)
+        if not layer.adapters:
+            parent, child = _parent_of(model, path)
+            setattr(parent, child, layer.base)
+    del reg.configs[name]
+    reg.layers.pop(name, None)
+    reg.modules_to_save.pop(name, None)
+    reg.extra.pop(name, None)
+    reg.shared.pop(name, None)
+    reg.active = [n for n in reg.active if n != name]
+    if not reg.configs:
+        del model.__dict__[REGISTRY_ATTR]
+
+
+def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
+    """Fold adapters (default: the active ones) into the base weights for zero-overhead inference.
+
+    Merges accumulate in fp32. A 4-bit base is dequantised to its compute dtype first (exact; see
+    :func:`lorakit.quant.requantize` to go back to 4-bit).
+
+    Example:
+        >>> import torch, lorakit
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2))
+        >>> lorakit.merge(net)
+    """
+    reg = registry(model)
+    names = list(reg.active) if names is None else ([names] if isinstance(names, str) else list(names))
+    _check_known(model, names)
+    for name in names:
+        method = get_method(reg.configs[name].method)
+        if not method.mergeable:
+            raise ValueError(f"adapter {name!r} ({method.method}) cannot be merged into the base weights")
+    for _, layer in adapted_layers(model):
+        layer.merge(names)
+
+
+def unmerge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
+    """Undo :func:`merge` (all merged adapters by default), using caches kept at merge time where needed."""
+    names = None if names is None else ([names] if isinstance(names, str) else list(names))
+    for _, layer in adapted_layers(model):
+        layer.unmerge(names)
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Remove every lorakit object and return the model with its original module types.
+
+    ``merge=True`` first merges the active adapters, so the returned plain model computes the adapted function.
+    ``merge=False`` returns the original base model (base-weight shifts such as PiSSA's residual are undone).
+
+    Example:
+        >>> import torch, lorakit
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2))
+        >>> type(lorakit.unload(net)[0]).__name__
+        'Linear'
+    """
+    reg = _registry(model)
+    if reg is not None and merge:
+        globals()["merge"](model)
+    for path, layer in list(adapted_layers(model)):
+        for name in list(layer.adapters):
+            if name not in layer.merged:
+                layer.remove(name)
+        parent, child = _parent_of(model, path)
+        setattr(parent, child, layer.base)
+    if reg is not None:
+        del model.__dict__[REGISTRY_ATTR]
+    return model
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Inside the block, example ``i`` of every batch runs through adapter ``names[i]`` (``None``: base model).
+
+    Works in eval and train mode; adapters must not be merged.
+
+    Example:
+        >>> import torch, lorakit
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2), name="a")
+        >>> with lorakit.route(net, ["a", None]):
+        ...     y = net(torch.randn(2, 4))
+    """
+    names = list(names)
+    _check_known(model, [n for n in names if n is not None])
+    layers = [layer for _, layer in adapted_layers(model)]
+    merged = sorted({n for layer in layers for n in layer.merged})
+    if merged:
+        raise RuntimeError(f"route() cannot run with merged adapters {merged}; call lorakit.unmerge(model) first")
+    state = RouteState(names)
+    for layer in layers:
+        layer._route = state
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer._route = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# combine
+# ---------------------------------------------------------------------------------------------------------------
+COMBINE_HOW = ("cat", "linear", "svd")
+
+
+def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", how: str = "cat",
+            rank: int | None = None) -> nn.Module:
+    """Add adapter ``name`` mixing existing adapters with ``weights``.
+
+    * ``cat``: exactly ``Σ w_i ΔW_i`` (rank = sum of ranks).
+    * ``linear``: PEFT's definition, ``A = Σ sign(w_i)·sqrt(|w_i s_i|)·A_i``, ``B = Σ sqrt(|w_i s_i|)·B_i``,
+      equal ranks only; an approximation (cross terms ``B_i A_j`` appear).
+    * ``svd``: best rank-``rank`` approximation (default: the largest source rank) of ``Σ w_i ΔW_i``.
+
+    Methods with a non-linear layer function (DoRA) provide their own rule (see their docs).
+
+    Example:
+        >>> import torch, lorakit
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> for n in "ab": _ = lorakit.attach(net, lorakit.AdapterConfig(r=2), name=n)
+        >>> _ = lorakit.combine(net, {"a": 0.7, "b": 0.3}, name="mix", how="cat")
+    """
+    if how not in COMBINE_HOW:
+        raise ValueError(f"combine(how={how!r}) is invalid; allowed: {', '.join(COMBINE_HOW)}")
+    if not weights:
+        raise ValueError("combine() needs at least one adapter in weights")
+    reg = _check_known(model, list(weights))
+    _check_name(name)
+    if name in reg.configs:
+        raise ValueError(f"adapter name {name!r} is taken on this model; pick another name")
+    for k, w in weights.items():
+        if not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"combine weight for {k!r} must be a finite number, got {w!r}")
+    methods = {reg.configs[n].method for n in weights}
+    method = get_method(methods.pop()) if len(methods) == 1 else get_method("lora")
+    plan_layers = []
+    for path, layer in adapted_layers(model):
+        sources = [(layer.adapters[n], float(w)) for n, w in weights.items() if n in layer.adapters]
+        if sources:
+            plan_layers.append((path, layer, sources))
+    new_adapters = {}
+    for path, layer, sources in plan_layers:
+        new_adapters[path] = method.combine(layer, sources, how, rank)
+    first = next(iter(new_adapters.values()))
+    ranks = {path: a.r for path, a in new_adapters.items()}
+    config = reg.configs[next(iter(weights))].replace(
+        method=first.method, r=max(ranks.values()), alpha=None, targets=sorted(new_adapters),
+        rank_pattern=ranks, alpha_pattern={p: float(r) for p, r in ranks.items()}, scaling="standard",
+        init="kaiming", dropout=0.0, modules_to_save=[], exclude=None,
+    )
+    # commit
+    for path, layer, _ in plan_layers:
+        layer.add(name, new_adapters[path])
+    reg.configs[name] = config
+    reg.layers[name] = sorted(new_adapters)
+    reg.modules_to_save[name] = []
+    for p in (p for a in new_adapters.values() for p in a.parameters()):
+        p.requires_grad_(False)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parameter counts
+# ---------------------------------------------------------------------------------------------------------------
+def _logical_numel(module: nn.Module) -> int:
+    """Parameters of a module counted as the model's logical weights (packed 4-bit weights count per weight)."""
+    total = 0
+    seen: set[int] = set()
+    for m in module.modules():
+        logical = getattr(m, "logical_numel", None)
+        if callable(logical):
+            total += logical()
+            seen.update(id(p) for p in m.parameters(recurse=False))
+        for p in m.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (shared tensors counted once).
+
+    Example:
+        >>> import torch, lorakit
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2))
+        >>> lorakit.trainable_parameters(net)
+        (16, 36)
+    """
+    trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+    return trainable, _logical_numel(model)
+
+
+def parameter_report(model: nn.Module) -> str:
+    """A human-readable table: per adapter its method, layers, own parameters and share of the model.
+
+    Frozen shared tensors (VeRA's random pair) are listed separately: they are counted as "frozen extra",
+    not as trainable parameters.
+    """
+    reg = registry(model)
+    base_total = 0
+    adapter_param_ids: set[int] = set()
+    for _, layer in adapted_layers(model):
+        for adapter in layer.adapters.values():
+            adapter_param_ids.update(id(p) for p in adapter.parameters())
+    for n in reg.shared:
+        adapter_param_ids.update(id(p) for p in reg.shared[n].parameters())
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) not in adapter_param_ids and id(p) not in seen:
+            seen.add(id(p))
+            base_total += p.numel()
+    for m in model.modules():
+        logical = getattr(m, "logical_numel", None)
+        if callable(logical):
+            base_total += logical() - sum(p.numel() for p in m.parameters(recurse=False))
+    lines = [f"{'adapter':<16}{'method':<12}{'layers':>7}{'params':>12}{'% of base':>11}{'frozen extra':>14}  active"]
+    for name, cfg in reg.configs.items():
+        own, frozen_extra, n_layers = 0, 0, 0
+        counted: set[int] = set()
+        for _, layer in adapted_layers(model):
+            if name in layer.adapters:
+                n_layers += 1
+                adapter = layer.adapters[name]
+                for pname, p in adapter.named_parameters():
+                    if id(p) not in counted and not pname.startswith("shared."):
+                        counted.add(id(p))
+                        if adapter.is_trainable(pname):
+                            own += p.numel()
+                        else:
+                            frozen_extra += p.numel()
+        if name in reg.shared:
+            for p in reg.shared[name].parameters():
+                if id(p) not in counted:
+                    counted.add(id(p))
+                    if p.requires_grad:
+                        own += p.numel()
+                    else:
+                        frozen_extra += p.numel()
+            frozen_extra += sum(b.numel() for b in reg.shared[name].buffers())
+        share = 100.0 * own / max(base_total, 1)
+        lines.append(f"{name:<16}{cfg.method:<12}{n_layers:>7}{own:>12,}{share:>10.3f}%{frozen_extra:>14,}  "
+                     f"{'yes' if name in reg.active else 'no'}")
+    lines.append(f"base model parameters: {base_total:,}")
+    return "\n".join(lines)
