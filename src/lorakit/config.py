@@ -36,7 +36,7 @@ class AdapterConfig:
     r: int = 8
     alpha: float | None = None  # None means alpha = r
     dropout: float = 0.0
-    targets: Any = "all-linear"  # "all-linear", list of name suffixes, or a regex string (full match)
+    targets: Any = "all-linear"  # "all-linear", list of name suffixes (or regexes), or a regex string (full match)
     exclude: Any = None  # same forms as targets; matched modules are never adapted
     scaling: str = "standard"  # "standard": alpha/r, "rslora": alpha/sqrt(r)
     init: str = "kaiming"

@@ -86,10 +86,13 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def save(model: nn.Module, path: str | os.PathLike, names: str | Sequence[str] | None = None,
-         format: str = "lorakit", **kwargs: Any) -> Path:
+         format: str = "lorakit", convert_pissa: bool = False, **kwargs: Any) -> Path:
     """Save adapters (default: all) to folder ``path`` atomically; returns the folder.
 
-    ``format="peft"`` writes PEFT's layout instead (one adapter; see :mod:`lorakit.peft_format`).
+    ``format="peft"`` writes PEFT's layout instead (see :mod:`lorakit.peft_format`).
+    A PiSSA adapter is saved with its initial factors, so :func:`load` re-creates the residual base from the
+    original weights. ``convert_pissa=True`` instead writes it as a plain rank-2r LoRA,
+    ``s·[B | -B0]·[A ; A0]``, usable on the original weights by any LoRA loader (methods.md §12).
 
     Example:
         >>> import torch, lorakit, tempfile
@@ -113,10 +116,14 @@ def save(model: nn.Module, path: str | os.PathLike, names: str | Sequence[str] |
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"format": "lorakit", "version": FORMAT_VERSION, "adapters": {}}
     for name in names:
-        for key, t in adapter_state(model, name).items():
+        config = reg.configs[name]
+        state = adapter_state(model, name)
+        if convert_pissa and config.init in ("pissa", "pissa_fast"):
+            config, state = _pissa_as_lora(model, name, state)
+        for key, t in state.items():
             tensors[key] = t.detach().to("cpu").contiguous().clone()
         meta["adapters"][name] = {
-            "config": reg.configs[name].to_dict(),
+            "config": config.to_dict(),
             "layers": reg.layers[name],
             "modules_to_save": reg.modules_to_save.get(name, []),
             "extra": reg.extra.get(name, {}),
@@ -128,6 +135,23 @@ def save(model: nn.Module, path: str | os.PathLike, names: str | Sequence[str] |
 
     _atomic_folder(Path(path), write)
     return Path(path)
+
+
+def _pissa_as_lora(model: nn.Module, name: str, state: dict[str, torch.Tensor]):
+    """Rewrite a PiSSA adapter's tensors and config as a plain LoRA of rank 2r on the original weights."""
+    reg = registry(model)
+    config = reg.configs[name]
+    out = {k: v for k, v in state.items() if k.split(SEP)[1] != "layer"}
+    ranks, alphas = {}, {}
+    for path, layer in adapted_layers(model):
+        if name in layer.adapters:
+            a, b, s = layer.adapters[name].as_lora_factors()
+            out[_key(name, "layer", path, "A")] = a
+            out[_key(name, "layer", path, "B")] = b
+            ranks[path], alphas[path] = a.shape[0], s * a.shape[0]
+    new = config.replace(init="kaiming", scaling="standard", r=max(ranks.values()), alpha=None,
+                         rank_pattern=ranks, alpha_pattern=alphas)
+    return new, out
 
 
 def _json_default(obj: Any) -> Any:

@@ -69,7 +69,14 @@ def _matches(spec: Any, path: str) -> bool:
         return False
     if isinstance(spec, str):
         return re.fullmatch(spec, path) is not None
-    return any(path == name or path.endswith("." + name) for name in spec)
+    return any(path == name or path.endswith("." + name) or _full_regex(name, path) for name in spec)
+
+
+def _full_regex(pattern: str, path: str) -> bool:
+    try:
+        return re.fullmatch(pattern, path) is not None
+    except re.error:
+        return False
 
 
 def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
