@@ -56,6 +56,10 @@ class LayerOps:
         with torch.no_grad():
             self.base.weight.copy_(matrix.to(self.base.weight.dtype))
 
+    def acc_dtype(self) -> torch.dtype:
+        """Precision for merges and dense deltas: fp32, or fp64 for fp64 layers."""
+        return torch.promote_types(self.weight_matrix().dtype, torch.float32)
+
     # the low-rank path
     def down(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """x -> x Aᵀ for A of shape [r, in]."""
@@ -317,7 +321,7 @@ class AdaptedLayer(nn.Module):
         self.refresh()
 
     def _apply_weight(self, fn) -> None:
-        w32 = self.ops.weight_matrix(torch.float32)
+        w32 = self.ops.weight_matrix(self.ops.acc_dtype())
         self.ops.set_weight_matrix(fn(w32))
         for adapter in self.adapters.values():
             adapter.on_base_changed()
@@ -333,7 +337,7 @@ class AdaptedLayer(nn.Module):
             self.ops = ops_for(self.base)
             for adapter in self.adapters.values():
                 adapter.on_base_changed()
-        w32 = self.ops.weight_matrix(torch.float32)
+        w32 = self.ops.weight_matrix(self.ops.acc_dtype())
         for name in names:
             w32 = self.adapters[name].merge_into(self, w32)
             self.merged.append(name)
@@ -346,7 +350,7 @@ class AdaptedLayer(nn.Module):
         wanted = set(self.merged if names is None else names)
         if not wanted & set(self.merged):
             return
-        w32 = self.ops.weight_matrix(torch.float32)
+        w32 = self.ops.weight_matrix(self.ops.acc_dtype())
         # Undo in reverse merge order; adapters merged after a wanted one are undone and redone to keep exactness.
         redo = []
         while wanted & set(self.merged):

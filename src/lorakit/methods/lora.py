@@ -119,7 +119,8 @@ class LoraAdapter(Adapter):
         return y + (layer.ops.up(z, self.B) * self.scaling).to(y.dtype)
 
     def delta_weight(self, layer: "AdaptedLayer | None" = None) -> torch.Tensor:
-        return self.scaling * (self.B.float() @ self.A.float())
+        acc = torch.promote_types(self.A.dtype, torch.float32)
+        return self.scaling * (self.B.to(acc) @ self.A.to(acc))
 
     def base_shift(self) -> torch.Tensor | None:
         if not self.shifts_base:
