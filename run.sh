@@ -29,7 +29,7 @@ setup() {
 cmd="${1:-main}"; shift || true
 case "$cmd" in
     setup) setup ;;
-    main)  setup; exec "$PY" -m lorakit.cli compare "$@" ;;
+    main)  setup; exec "$PY" examples/quickstart.py "$@" ;;
     quickstart) setup; exec "$PY" examples/quickstart.py "$@" ;;
     test)
         setup
