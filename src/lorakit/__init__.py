@@ -31,6 +31,23 @@ from .model import (
 
 __version__ = "0.1.0"
 
+# Names whose modules are imported on first use (they pull optional pieces: training loop, quantisation).
+_LAZY = {
+    "training_hooks": "lorakit.train.hooks",
+    "regularization_loss": "lorakit.train.hooks",
+    "quantize": "lorakit.quant",
+    "make_optimizer": "lorakit.optim",
+    "loraplus_param_groups": "lorakit.optim",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+
 __all__ = [
     "AdapterConfig",
     "AdaptedLayer",
@@ -43,6 +60,11 @@ __all__ = [
     "delete",
     "disabled",
     "load",
+    "loraplus_param_groups",
+    "make_optimizer",
+    "quantize",
+    "regularization_loss",
+    "training_hooks",
     "merge",
     "parameter_report",
     "route",

@@ -33,7 +33,7 @@ class AdapterConfig:
     """
 
     method: str = "lora"
-    r: int = 8
+    r: int | None = None  # None: the method's default (8; VeRA 256)
     alpha: float | None = None  # None means alpha = r
     dropout: float = 0.0
     targets: Any = "all-linear"  # "all-linear", list of name suffixes (or regexes), or a regex string (full match)
@@ -82,6 +82,12 @@ class AdapterConfig:
 
         if self.method not in METHODS:
             _fail("method", self.method, ", ".join(sorted(METHODS)))
+        try:
+            method_cls = get_method(self.method)
+        except ImportError as exc:  # registered but its file failed to import
+            raise ValueError(f"AdapterConfig.method={self.method!r} is not available here: {exc}") from exc
+        if self.r is None:
+            self.r = method_cls.default_r
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             _fail("r", self.r, "an integer >= 1")
         if self.alpha is not None and (not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha)

@@ -46,6 +46,8 @@ class Adapter(nn.Module):
     """Base class of a method's per-layer adapter. See the module docstring for the verbs."""
 
     method: ClassVar[str] = ""
+    #: rank used when AdapterConfig.r is None
+    default_r: ClassVar[int] = 8
     #: True if the method needs its training hooks called (warns once when steps happen without them)
     needs_hooks: ClassVar[bool] = False
     #: True if the method may add to the frozen base weight (PiSSA, Delta-LoRA)
@@ -119,7 +121,40 @@ class Adapter(nn.Module):
         """The base weight changed (merge, Delta-LoRA update): drop caches derived from it."""
 
     # -- training hooks -----------------------------------------------------------------------------------------
+    # Driven by ``lorakit.training_hooks(model)`` (plain loops), the transformers callback and lorakit's Trainer.
+    # Per-layer verbs have per-adapter classmethod wrappers, so a method needing a global view (AdaLoRA's budget,
+    # LoRA-drop) overrides the wrapper instead. ``entries`` = [(layer_path, AdaptedLayer, Adapter), ...] of one adapter.
     def regularization(self) -> torch.Tensor | None:
+        """Extra loss term of this layer's adapter (added by ``lorakit.regularization_loss``), or None."""
+        return None
+
+    def after_step(self, layer: "AdaptedLayer", step: int) -> None:
+        """Work after ``optimizer.step()`` (gradients still present); ``step`` counts from 1."""
+
+    def finish(self, layer: "AdaptedLayer") -> None:
+        """Consolidate at the end of training (prune ranks, fold gates, ...)."""
+
+    @classmethod
+    def adapter_regularization(cls, entries: list, config: "AdapterConfig") -> torch.Tensor | None:
+        terms = [t for _, _, a in entries if (t := a.regularization()) is not None]
+        return sum(terms) if terms else None
+
+    @classmethod
+    def adapter_after_step(cls, model: nn.Module, name: str, entries: list, config: "AdapterConfig",
+                           step: int) -> None:
+        for _, layer, adapter in entries:
+            adapter.after_step(layer, step)
+
+    @classmethod
+    def adapter_finish(cls, model: nn.Module, name: str, entries: list, config: "AdapterConfig") -> None:
+        for _, layer, adapter in entries:
+            adapter.finish(layer)
+
+    def optimizer_options(self, param_name: str, config: "AdapterConfig") -> dict | None:
+        """Per-parameter optimiser overrides (e.g. ``{"weight_decay": 0.0, "lr": ...}`` for SoRA's gates), or None.
+
+        ``lorakit.optim`` puts parameters with equal overrides into their own parameter group.
+        """
         return None
 
     # -- mixing -----------------------------------------------------------------------------------------------
