@@ -534,3 +534,15 @@ def test_pissa_save_load_on_original_weights_and_rank_2r_conversion(tmp_path):
     assert not plain[0].adapters["default"].shifts_base
     assert torch.allclose(plain[0].base.weight, original[0].weight)  # used on the original weights
     assert torch.allclose(plain(x), y, atol=ATOL)
+
+
+def test_attach_and_load_follow_the_model_mode():
+    """Adapters attached to a model in eval mode must not run dropout (a new nn.Module defaults to train mode)."""
+    model = tiny_llama()
+    model.eval()
+    lorakit.attach(model, AdapterConfig(r=4, dropout=0.5, init="gaussian", seed=0))
+    assert not any(m.training for m in model.modules())
+    ids = torch.arange(8)[None]
+    assert torch.equal(model(ids).logits, model(ids).logits)  # deterministic: dropout is off
+    model.train()
+    assert all(m.training for m in model.modules())

@@ -290,3 +290,46 @@ def _few(keys: list[str], limit: int = 8) -> str:
     if not keys:
         return "none"
     return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def restore(model: nn.Module, path: str | os.PathLike) -> None:
+    """Copy a saved folder's tensors into the model's *existing* adapters of the same names (used by resume).
+
+    Keys and shapes are checked before anything changes; base-weight shifts (PiSSA, Delta-LoRA) are moved from
+    the current value to the saved one.
+    """
+    meta, tensors = read_folder(path)
+    reg = registry(model)
+    for name in meta["adapters"]:
+        if name not in reg.configs:
+            raise AdapterLoadError(f"{path}: adapter {name!r} is not attached to this model (have {list(reg.configs)})")
+        current = adapter_state(model, name)
+        saved = {k: v for k, v in tensors.items() if k.startswith(name + SEP)}
+        missing, unexpected = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
+        if missing or unexpected:
+            raise AdapterLoadError(f"{path}: adapter {name!r} does not match; missing keys: {_few(missing)}; "
+                                   f"unexpected keys: {_few(unexpected)}")
+        bad = [k for k in current if tuple(current[k].shape) != tuple(saved[k].shape)]
+        if bad:
+            raise AdapterLoadError(f"{path}: shapes differ for {_few(bad)}")
+    for name, entry in meta["adapters"].items():
+        for path_, layer in adapted_layers(model):
+            if name not in layer.adapters:
+                continue
+            adapter = layer.adapters[name]
+            before = adapter.base_shift()
+            prefix = SEP.join((name, "layer", path_, ""))
+            adapter.import_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            after = adapter.base_shift()
+            if before is not None or after is not None:
+                b = 0 if before is None else before
+                a = 0 if after is None else after.to(layer.ops.device())
+                layer._apply_weight(lambda w, a=a, b=b: w - b + a)
+        if name in reg.shared:
+            prefix = SEP.join((name, "shared", "", ""))
+            reg.shared[name].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        for mpath in reg.modules_to_save.get(name, []):
+            prefix = SEP.join((name, "module", mpath, ""))
+            model.get_submodule(mpath).load_state_dict(
+                {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        reg.extra[name] = dict(entry.get("extra", {}))

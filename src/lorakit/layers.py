@@ -301,6 +301,7 @@ class AdaptedLayer(nn.Module):
             self._live = [self.adapters[n] for n in self.active if n in self.adapters and n not in self.merged]
 
     def add(self, name: str, adapter: "Adapter") -> None:
+        adapter.train(self.base.training)  # a new module defaults to train mode; follow the model's mode
         self.adapters[name] = adapter
         self.refresh()
 

@@ -222,7 +222,7 @@ def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = 
                  modules_to_save=sorted(set(mts)))
     for path, module, ops in resolved:
         is_new = not isinstance(module, AdaptedLayer)
-        layer = AdaptedLayer(module) if is_new else module
+        layer = AdaptedLayer(module).train(module.training) if is_new else module
         adapter = method(layer.ops, config, path, shared)
         result = adapter.init_weights(layer, config, layer_generator(config, path)) if init else None
         plan.entries.append((path, layer, is_new, adapter, result))

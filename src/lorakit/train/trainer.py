@@ -1,0 +1,462 @@
+"""lorakit's trainer: one loop for every family member, resumable bit-for-bit, single- or multi-process.
+
+Example:
+    >>> import torch, lorakit
+    >>> from lorakit.train.trainer import Trainer, TrainConfig
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2))
+    >>> data = [{"x": torch.randn(4), "y": torch.randn(4)} for _ in range(16)]
+    >>> loss = lambda m, b: torch.nn.functional.mse_loss(m(b["x"]), b["y"])
+    >>> result = Trainer(net, TrainConfig(steps=3, batch_size=4, progress=False), data, loss_fn=loss).train()
+    >>> len(result.losses)
+    3
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import resource
+import signal
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from . import distributed as dist_utils
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Everything the trainer needs besides model and data. All fields are JSON values."""
+
+    steps: int = 100  # optimiser steps
+    batch_size: int = 8  # global batch per micro-step (split across processes)
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw, adamw8bit, paged_adamw, paged_adamw8bit
+    loraplus_ratio: float | None = None  # LoRA+: B matrices get lr·ratio
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    bf16: bool = False  # bf16 autocast
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    eval_every: int = 0  # 0: only at the end
+    log_every: int = 10
+    save_every: int = 0  # 0: only at the end (and on Ctrl-C)
+    keep_last: int = 2
+    output_dir: str | None = None
+    resume: str | None = None  # a checkpoint folder or a run folder (its newest checkpoint)
+    progress: bool = True
+    tensorboard: bool = False
+    distributed: str = "ddp"  # under torchrun: ddp or fsdp
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("steps", self.steps >= 1, "an integer >= 1"),
+            ("batch_size", self.batch_size >= 1, "an integer >= 1"),
+            ("grad_accum", self.grad_accum >= 1, "an integer >= 1"),
+            ("lr", self.lr > 0, "a positive number"),
+            ("schedule", self.schedule in SCHEDULES, ", ".join(SCHEDULES)),
+            ("warmup_steps", self.warmup_steps >= 0, "an integer >= 0"),
+            ("keep_last", self.keep_last >= 1, "an integer >= 1"),
+            ("distributed", self.distributed in ("ddp", "fsdp", "none"), "ddp, fsdp, none"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid; allowed: {allowed}")
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # one per optimiser step (mean over micro-batches)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    peak_memory_bytes: int = 0
+    interrupted: bool = False
+    output_dir: str | None = None
+
+    @property
+    def seconds_per_step(self) -> float:
+        times = self.step_times[2:] or self.step_times
+        return statistics.median(times) if times else float("nan")
+
+    @property
+    def final_eval(self) -> dict[str, float]:
+        return self.evals[-1] if self.evals else {}
+
+
+def default_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """transformers-style models compute their own loss from ``labels``."""
+    return model(**batch).loss
+
+
+def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of the base lr at each step: linear warm-up then linear/cosine decay to 0, or constant."""
+    total, warm = config.steps, config.warmup_steps
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total - warm)
+        if config.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class Trainer:
+    """Train the trainable parameters of ``model`` (adapters, modules_to_save) on ``train_data``.
+
+    ``train_data``/``eval_data`` are sequences of examples; ``collate_fn`` turns a list of examples into a batch
+    (default: stack tensors by key). ``loss_fn(model, batch)`` defaults to transformers' ``model(**batch).loss``.
+    ``task`` picks the eval metric: "classification" (accuracy), "lm" (perplexity) or "none".
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, train_data: Sequence[Any],
+                 eval_data: Sequence[Any] | None = None, collate_fn: Callable | None = None,
+                 loss_fn: Callable[[nn.Module, Any], torch.Tensor] = default_loss, task: str = "none",
+                 adapter_names: Sequence[str] | None = None):
+        if len(train_data) == 0:
+            raise ValueError("train_data is empty")
+        self.model = model
+        self.config = config
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.collate_fn = collate_fn or stack_collate
+        self.loss_fn = loss_fn
+        self.task = task
+        self.adapter_names = adapter_names
+        self.info = dist_utils.setup()
+        self.device = _model_device(model)
+        self.result = TrainResult(output_dir=config.output_dir)
+        self._stop_requested = False
+        self._log_files: dict[str, Any] = {}
+
+    # -- data order: a seeded permutation per epoch, so a resumed run sees the same batches ----------------------
+    def _batch_indices(self, start_step: int):
+        cfg, n = self.config, len(self.train_data)
+        per_epoch = max(1, n // cfg.batch_size)
+        micro = start_step * cfg.grad_accum
+        epoch, pos = divmod(micro, per_epoch)
+        while True:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+            while pos < per_epoch:
+                idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
+                yield idx[self.info.rank::self.info.world_size]
+                pos += 1
+            epoch, pos = epoch + 1, 0
+
+    def _to_device(self, batch: Any) -> Any:
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device)
+        if isinstance(batch, dict):
+            return {k: self._to_device(v) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self._to_device(v) for v in batch)
+        return batch
+
+    # -- optimiser ---------------------------------------------------------------------------------------------
+    def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        cfg = self.config
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters; attach an adapter (or load with trainable=True)")
+        try:
+            from ..optim import make_optimizer
+        except ImportError:  # pragma: no cover - optim is part of the package
+            make_optimizer = None
+        if make_optimizer is not None:
+            return make_optimizer(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  loraplus_ratio=cfg.loraplus_ratio)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg, info = self.config, self.info
+        torch.manual_seed(cfg.seed)
+        user_model = self.model
+        if cfg.gradient_checkpointing and hasattr(user_model, "gradient_checkpointing_enable"):
+            user_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        user_model.train()
+        hooks = _training_hooks(user_model)
+        model = dist_utils.wrap(user_model, cfg.distributed, info)
+        optimizer = self._make_optimizer(user_model)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        start = 0
+        if cfg.resume:
+            start = self._resume(user_model, optimizer, scheduler, hooks)
+        out = Path(cfg.output_dir) if cfg.output_dir else None
+        if out is not None and info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        batches = self._batch_indices(start)
+        bar = self._progress(start)
+        previous_handler = self._install_sigint()
+        step = start
+        try:
+            while step < cfg.steps:
+                if self._stop_requested:
+                    self._interrupt(step, user_model, optimizer, scheduler, hooks)
+                    break
+                t0 = time.perf_counter()
+                loss_sum, tokens = 0.0, 0
+                for _ in range(cfg.grad_accum):
+                    batch = self._to_device(self.collate_fn([self.train_data[i] for i in next(batches)]))
+                    tokens += _count_tokens(batch)
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                        loss = self.loss_fn(model, batch)
+                        reg = _regularization(user_model)
+                        total = (loss + reg) if reg is not None else loss
+                    (total / cfg.grad_accum).backward()
+                    loss_sum += loss.detach().float().item() / cfg.grad_accum
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_([p for p in user_model.parameters() if p.requires_grad],
+                                                   cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                if hooks is not None:
+                    hooks.after_step()  # gradients are still there (AdaLoRA reads them)
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                loss_value = dist_utils.all_reduce_mean(loss_sum, info)
+                elapsed = time.perf_counter() - t0
+                self.result.losses.append(loss_value)
+                self.result.step_times.append(elapsed)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens * info.world_size / elapsed:.0f}")
+                if step % max(1, cfg.log_every) == 0 or step == cfg.steps:
+                    self._log({"kind": "train", "step": step, "loss": loss_value,
+                               "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens * info.world_size / elapsed,
+                               "seconds_per_step": elapsed})
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                    self._evaluate(model, step)
+                if out is not None and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    self._save(step, user_model, optimizer, scheduler, hooks)
+            else:
+                if hooks is not None:
+                    hooks.finish()
+                self._evaluate(model, step)
+                if out is not None:
+                    self._save(step, user_model, optimizer, scheduler, hooks, final=True)
+        finally:
+            signal.signal(signal.SIGINT, previous_handler) if previous_handler is not None else None
+            if bar is not None:
+                bar.close()
+            for fh in self._log_files.values():
+                fh.close()
+            self._log_files.clear()
+        self.result.peak_memory_bytes = peak_memory_bytes(self.device)
+        return self.result
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Eval loss plus accuracy (classification) or perplexity (lm) on ``eval_data``."""
+        model = model or self.model
+        if not self.eval_data:
+            return {}
+        was_training = model.training
+        model.eval()
+        total_loss, total_weight, correct, count = 0.0, 0, 0, 0
+        bs = max(self.config.batch_size, 16)
+        for i in range(0, len(self.eval_data), bs):
+            batch = self._to_device(self.collate_fn(list(self.eval_data[i:i + bs])))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+                out = model(**batch) if isinstance(batch, dict) and self.loss_fn is default_loss else None
+                loss = out.loss if out is not None else self.loss_fn(model, batch)
+            if self.task == "classification" and out is not None:
+                labels = batch["labels"]
+                correct += (out.logits.argmax(-1) == labels).sum().item()
+                count += labels.numel()
+                weight = labels.numel()
+            elif self.task == "lm" and isinstance(batch, dict) and "labels" in batch:
+                weight = int((batch["labels"][..., 1:] != -100).sum().item())
+            else:
+                weight = 1
+            total_loss += float(loss) * weight
+            total_weight += weight
+        model.train(was_training)
+        metrics = {"eval_loss": total_loss / max(total_weight, 1)}
+        if self.task == "classification" and count:
+            metrics["accuracy"] = correct / count
+        if self.task == "lm":
+            metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        return metrics
+
+    def _evaluate(self, model: nn.Module, step: int) -> None:
+        metrics = self.evaluate(model)
+        if metrics:
+            metrics = {"step": step, **metrics}
+            self.result.evals.append(metrics)
+            self._log({"kind": "eval", **metrics})
+
+    # -- logging -----------------------------------------------------------------------------------------------
+    CSV_FIELDS = ("kind", "step", "loss", "lr", "tokens_per_s", "seconds_per_step", "eval_loss", "accuracy",
+                  "perplexity")
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.info.is_main or not self.config.output_dir:
+            return
+        out = Path(self.config.output_dir)
+        if not self._log_files:
+            resume = bool(self.config.resume)
+            self._log_files["jsonl"] = open(out / "log.jsonl", "a" if resume else "w")
+            csv_path = out / "log.csv"
+            new_csv = not (resume and csv_path.exists())
+            self._log_files["csv"] = open(csv_path, "w" if new_csv else "a", newline="")
+            self._csv = csv.DictWriter(self._log_files["csv"], fieldnames=self.CSV_FIELDS, extrasaction="ignore")
+            if new_csv:
+                self._csv.writeheader()
+            if self.config.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(str(out / "tensorboard"))
+                except ImportError:
+                    print("tensorboard is not installed; pip install tensorboard (logging to JSONL/CSV only)",
+                          file=sys.stderr)
+                    self._tb = None
+        self._log_files["jsonl"].write(json.dumps(record) + "\n")
+        self._log_files["jsonl"].flush()
+        self._csv.writerow(record)
+        self._log_files["csv"].flush()
+        tb = getattr(self, "_tb", None)
+        if tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+
+    def _progress(self, start: int):
+        if not self.config.progress or not self.info.is_main:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=self.config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def _save(self, step: int, model: nn.Module, optimizer, scheduler, hooks, final: bool = False) -> Path | None:
+        out = Path(self.config.output_dir)
+        folder = out / f"ckpt-{step}"
+        if self.info.is_main:
+            from ..io import save
+
+            parts = {
+                "trainer": {"step": step, "losses": self.result.losses, "evals": self.result.evals,
+                            "config": dataclasses.asdict(self.config)},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": ckpt.rng_state(),
+                "hooks": hooks.state_dict() if hooks is not None and hasattr(hooks, "state_dict") else {},
+            }
+            ckpt.write_checkpoint(folder, parts, lambda p: save(model, p))
+            ckpt.prune_checkpoints(out, self.config.keep_last)
+            if final:
+                save(model, out / "adapter")
+        dist_utils.barrier(self.info)
+        return folder
+
+    def _resume(self, model: nn.Module, optimizer, scheduler, hooks) -> int:
+        from ..io import restore
+
+        folder = ckpt.latest_checkpoint(Path(self.config.resume))
+        if folder is None:
+            raise FileNotFoundError(f"no checkpoint found in {self.config.resume!r} (expected ckpt-<step> folders)")
+        state = ckpt.read_checkpoint(folder)
+        restore(model, folder / "adapter")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        if hooks is not None and state.get("hooks") and hasattr(hooks, "load_state_dict"):
+            hooks.load_state_dict(state["hooks"])
+        trainer = state["trainer"]
+        self.result.losses = list(trainer["losses"])
+        self.result.evals = list(trainer["evals"])
+        return int(trainer["step"])
+
+    # -- Ctrl-C: finish the current step, checkpoint, say how to resume -------------------------------------------
+    def _install_sigint(self):
+        def handler(signum, frame):
+            if self._stop_requested:  # second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            print("\nCtrl-C: finishing this step and saving a checkpoint (press again to abort now)",
+                  file=sys.stderr)
+
+        try:
+            return signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not in the main thread
+            return None
+
+    def _interrupt(self, step: int, model, optimizer, scheduler, hooks) -> None:
+        self.result.interrupted = True
+        if self.config.output_dir:
+            folder = self._save(step, model, optimizer, scheduler, hooks)
+            if self.info.is_main:
+                print(f"saved checkpoint {folder} at step {step}. Resume with the same command plus "
+                      f"--resume {self.config.output_dir}", file=sys.stderr)
+
+
+def stack_collate(examples: list[Any]) -> Any:
+    """Default collate: stack tensors key by key (dict examples) or element-wise (tuples)."""
+    first = examples[0]
+    if isinstance(first, dict):
+        return {k: torch.stack([torch.as_tensor(e[k]) for e in examples]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(torch.stack([torch.as_tensor(e[i]) for e in examples]) for i in range(len(first)))
+    return torch.stack([torch.as_tensor(e) for e in examples])
+
+
+def _count_tokens(batch: Any) -> int:
+    if isinstance(batch, dict):
+        if "attention_mask" in batch:
+            return int(batch["attention_mask"].sum().item())
+        if "input_ids" in batch:
+            return batch["input_ids"].numel()
+    return 0
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _training_hooks(model: nn.Module):
+    try:
+        from .hooks import training_hooks
+    except ImportError:  # the hooks module lands with the methods that need it
+        return None
+    return training_hooks(model)
+
+
+def _regularization(model: nn.Module) -> torch.Tensor | None:
+    try:
+        from .hooks import regularization_loss
+    except ImportError:
+        return None
+    reg = regularization_loss(model)
+    return reg if isinstance(reg, torch.Tensor) and reg.requires_grad else None
