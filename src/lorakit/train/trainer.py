@@ -63,6 +63,15 @@ class TrainConfig:
     distributed: str = "ddp"  # under torchrun: ddp or fsdp
 
     def __post_init__(self) -> None:
+        # values from YAML/flags may arrive as strings ("2e-4" is a string in YAML 1.1): coerce by declared type
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = str(f.type)
+            if isinstance(value, str) and kind.startswith(("float", "int")):
+                try:
+                    setattr(self, f.name, (float if kind.startswith("float") else int)(value))
+                except ValueError:
+                    raise ValueError(f"TrainConfig.{f.name}={value!r} is invalid; allowed: a number") from None
         checks = [
             ("steps", self.steps >= 1, "an integer >= 1"),
             ("batch_size", self.batch_size >= 1, "an integer >= 1"),

@@ -1,0 +1,491 @@
+"""Compare family members side by side on one model, one dataset and one step budget, and write a report.
+
+Each contender (a method with its recommended settings, plus full fine-tuning and a frozen-model head-only baseline)
+trains in its own subprocess so that its peak memory is its own. The report folder gets ``results.json``,
+``report.md`` (the table), ``loss_curves.png``, ``accuracy_vs_params.png`` and a self-contained ``report.html``.
+
+Example (the README's first command runs this on the embedded default, all-MiniLM-L6-v2 on movie reviews):
+    >>> from lorakit.compare import CONTENDERS
+    >>> "lora" in CONTENDERS and "full" in CONTENDERS
+    True
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+#: contender name -> settings. "adapter" holds AdapterConfig fields; "train" holds TrainConfig overrides;
+#: callables receive the step budget. "kind": "adapter" (default), "full" or "head".
+CONTENDERS: dict[str, dict[str, Any]] = {
+    "head-only": {"kind": "head", "train": {"lr": 5e-3},
+                  "about": "frozen pretrained model, only the new classifier head trains"},
+    "full": {"kind": "full", "train": {"lr": 5e-5}, "about": "every weight trains (the upper reference)"},
+    "lora": {"adapter": {"method": "lora", "r": 8, "alpha": 16}, "train": {"lr": 1e-3}},
+    "lora+": {"adapter": {"method": "lora", "r": 8, "alpha": 16}, "train": {"lr": 5e-4, "loraplus_ratio": 16.0},
+              "needs": "lorakit.optim"},
+    "rslora": {"adapter": {"method": "lora", "r": 8, "alpha": 16, "scaling": "rslora"}, "train": {"lr": 2e-3}},
+    "pissa": {"adapter": {"method": "lora", "r": 8, "alpha": 8, "init": "pissa_fast"}, "train": {"lr": 5e-4}},
+    "dora": {"adapter": {"method": "dora", "r": 8, "alpha": 16}, "train": {"lr": 1e-3}},
+    "vera": {"adapter": {"method": "vera", "r": 256}, "train": {"lr": 1e-2}},
+    "lora_fa": {"adapter": {"method": "lora_fa", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}},
+    "adalora": {"adapter": lambda steps: {"method": "adalora", "r": 12, "target_r": 8, "alpha": 16,
+                                          "total_steps": steps, "t_init": steps // 10, "t_final": steps // 4,
+                                          "delta_t": max(1, steps // 40)},
+                "train": {"lr": 2e-3}},
+    "sora": {"adapter": {"method": "sora", "r": 8, "alpha": 16}, "train": {"lr": 1e-3}},
+    "lora_drop": {"adapter": {"method": "lora_drop", "r": 8, "alpha": 16}, "train": {"lr": 1e-3}},
+    "delta_lora": {"adapter": lambda steps: {"method": "delta_lora", "r": 8, "alpha": 16,
+                                             "delta_start": steps // 5},
+                   "train": {"lr": 1e-3}},
+    "qlora": {"adapter": {"method": "lora", "r": 8, "alpha": 16}, "quantize": True, "train": {"lr": 1e-3}},
+    "loftq": {"adapter": {"method": "lora", "r": 8, "alpha": 16, "init": "loftq"}, "quantize": True,
+              "train": {"lr": 1e-3}},
+}
+
+DEFAULT_ORDER = list(CONTENDERS)
+
+
+@dataclass
+class CompareConfig:
+    """One comparison: model, data, budget and which contenders."""
+
+    model: str = "minilm"  # a local transformers folder, or "minilm" (the embedded default)
+    data: str = "movie_reviews"  # a JSONL/CSV/JSON classification file (text, label), or "movie_reviews"
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_ORDER))
+    steps: int = 120
+    batch_size: int = 32
+    max_length: int = 48
+    eval_size: int = 600
+    train_size: int | None = None  # None: all remaining rows
+    warmup_steps: int = 10
+    seed: int = 0
+    threads: int = 2
+    out: str = "report"
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in CONTENDERS]
+        if unknown:
+            raise ValueError(f"unknown contender(s) {unknown}; choose from: {', '.join(CONTENDERS)}")
+        if self.steps < 1 or self.batch_size < 1 or self.eval_size < 1:
+            raise ValueError("steps, batch_size and eval_size must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data and model
+# ---------------------------------------------------------------------------------------------------------------
+def load_rows(data: str, seed: int, eval_size: int, train_size: int | None) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) rows of {"text", "label"} with integer labels; the split is seeded."""
+    if data == "movie_reviews":
+        from .assets import movie_reviews
+
+        rows = [dict(r) if isinstance(r, dict) else {"text": r[0], "label": r[1]} for r in movie_reviews()]
+    else:
+        from .train.data import load_records
+
+        rows = [{"text": r["text"], "label": r["label"]} for r in load_records(data)]
+    labels = sorted({r["label"] for r in rows}, key=str)
+    if not all(isinstance(lbl, int) for lbl in labels):
+        ids = {lbl: i for i, lbl in enumerate(labels)}
+        rows = [{"text": r["text"], "label": ids[r["label"]]} for r in rows]
+    random.Random(seed).shuffle(rows)
+    if len(rows) <= eval_size:
+        raise ValueError(f"{data}: {len(rows)} rows is not more than eval_size={eval_size}")
+    held_out, train = rows[:eval_size], rows[eval_size:]
+    return (train[:train_size] if train_size else train), held_out
+
+
+def resolve_model(model: str) -> str:
+    if model == "minilm":
+        from .assets import minilm_path
+
+        return str(minilm_path())
+    if not Path(model, "config.json").exists():
+        raise FileNotFoundError(f"model folder {model!r} has no config.json; pass a local transformers folder "
+                                f"or 'minilm'")
+    return model
+
+
+def _settings(name: str, steps: int) -> dict[str, Any]:
+    spec = dict(CONTENDERS[name])
+    adapter = spec.get("adapter")
+    spec["adapter"] = adapter(steps) if callable(adapter) else (dict(adapter) if adapter else None)
+    spec["train"] = dict(spec.get("train", {}))
+    spec.setdefault("kind", "adapter")
+    return spec
+
+
+def availability(name: str) -> str | None:
+    """None if the contender can run here, else why not."""
+    spec = _settings(name, 100)
+    try:
+        if spec["kind"] == "adapter":
+            from .methods import get_method
+
+            get_method(spec["adapter"]["method"])
+        if spec.get("quantize"):
+            from .quant import quantize  # noqa: F401
+        if spec.get("needs"):
+            __import__(spec["needs"])
+        if name == "lora_drop":
+            from .methods.lora_drop import run_lora_drop  # noqa: F401
+    except (ImportError, AttributeError) as exc:
+        return f"not available in this build ({exc})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One contender (runs in its own process)
+# ---------------------------------------------------------------------------------------------------------------
+def run_contender(name: str, cfg: CompareConfig, workdir: str) -> dict[str, Any]:
+    """Train one contender and measure it. Returns the row of the results table (plus curves)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from . import model as model_api
+    from .config import AdapterConfig
+    from .io import save
+    from .train.trainer import TrainConfig, Trainer
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    spec = _settings(name, cfg.steps)
+    path = resolve_model(cfg.model)
+    train_rows, eval_rows = load_rows(cfg.data, cfg.seed, cfg.eval_size, cfg.train_size)
+    n_labels = len({r["label"] for r in train_rows + eval_rows})
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=n_labels)
+    head = _head_name(model)
+    total_params = sum(p.numel() for p in model.parameters())
+
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        enc = tokenizer([r["text"] for r in rows], padding=True, truncation=True, max_length=cfg.max_length,
+                        return_tensors="pt")
+        return {**enc, "labels": torch.tensor([r["label"] for r in rows])}
+
+    if spec.get("quantize"):
+        from .quant import quantize
+
+        quantize(model, compute_dtype=torch.float32, skip=(head,))
+    if spec["kind"] == "head":
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith(head + "."))
+    elif spec["kind"] == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        config = AdapterConfig(**spec["adapter"], modules_to_save=[head], seed=cfg.seed)
+        model_api.attach(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, warmup_steps=cfg.warmup_steps,
+                            schedule="linear", seed=cfg.seed, log_every=max(1, cfg.steps // 20),
+                            output_dir=os.path.join(workdir, "run"), progress=False, **spec["train"])
+    t0 = time.perf_counter()
+    if name == "lora_drop":
+        from .methods.lora_drop import run_lora_drop
+
+        def train_fn(m, data):
+            return Trainer(m, train_cfg, data, eval_rows, collate_fn=collate, task="classification").train()
+
+        drop = run_lora_drop(model, config, train_rows, train_fn=train_fn)
+        result = drop.result if hasattr(drop, "result") else drop
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    else:
+        result = Trainer(model, train_cfg, train_rows, eval_rows, collate_fn=collate,
+                         task="classification").train()
+    wall = time.perf_counter() - t0
+    final = result.final_eval
+    if spec["kind"] == "adapter":
+        folder = save(model, os.path.join(workdir, "adapter"))
+    else:  # what a user would have to ship: every trainable tensor
+        from safetensors.torch import save_file
+
+        folder = Path(workdir, "weights")
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(folder / "weights.safetensors"))
+    size = sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
+    return {
+        "name": name, "kind": spec["kind"], "settings": {"adapter": spec["adapter"], "train": spec["train"],
+                                                         "quantize": bool(spec.get("quantize"))},
+        "trainable_params": trainable, "total_params": total_params,
+        "trainable_pct": 100.0 * trainable / total_params,
+        "accuracy": final.get("accuracy"), "eval_loss": final.get("eval_loss"),
+        "seconds_per_step": result.seconds_per_step, "wall_seconds": wall,
+        "peak_rss_bytes": result.peak_memory_bytes, "artifact_bytes": size,
+        "losses": result.losses,
+    }
+
+
+def _head_name(model) -> str:
+    for name in ("classifier", "score", "head", "out_proj"):
+        if hasattr(model, name):
+            return name
+    raise ValueError("the model has no classification head named classifier/score/head; use a "
+                     "*ForSequenceClassification model")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole comparison
+# ---------------------------------------------------------------------------------------------------------------
+def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every contender in ``cfg.methods`` (each in a subprocess) and write the report to ``cfg.out``.
+
+    Returns the results dictionary that is also written to ``results.json``.
+    """
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolve_model(cfg.model)  # fetch/convert the model once, before the workers start
+    load_rows(cfg.data, cfg.seed, cfg.eval_size, cfg.train_size)
+    rows, skipped = [], {}
+    started = time.perf_counter()
+    for i, name in enumerate(cfg.methods, 1):
+        why = availability(name)
+        if why:
+            skipped[name] = why
+            log(f"[{i}/{len(cfg.methods)}] {name}: skipped, {why}")
+            continue
+        t0 = time.perf_counter()
+        try:
+            row = _run_in_subprocess(name, cfg)
+        except RuntimeError as exc:
+            skipped[name] = f"failed: {exc}"
+            log(f"[{i}/{len(cfg.methods)}] {name}: FAILED ({str(exc).splitlines()[-1] if str(exc) else exc})")
+            continue
+        rows.append(row)
+        acc = row["accuracy"]
+        log(f"[{i}/{len(cfg.methods)}] {name}: accuracy {acc:.3f}, {row['trainable_params']:,} trainable, "
+            f"{row['seconds_per_step']:.3f} s/step ({time.perf_counter() - t0:.0f} s)")
+    results = {"config": asdict(cfg), "rows": rows, "skipped": skipped,
+               "total_seconds": time.perf_counter() - started, "date": time.strftime("%Y-%m-%d %H:%M"),
+               "environment": _environment()}
+    write_report(results, out)
+    log(f"report written to {out}/ (report.md, report.html, loss_curves.png, accuracy_vs_params.png)")
+    return results
+
+
+def _run_in_subprocess(name: str, cfg: CompareConfig) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix=f"lorakit-{name}-") as work:
+        spec = Path(work, "spec.json")
+        spec.write_text(json.dumps({"name": name, "config": asdict(cfg), "workdir": work}))
+        proc = subprocess.run([sys.executable, "-m", "lorakit.compare", str(spec)], capture_output=True, text=True,
+                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        result = Path(work, "result.json")
+        if proc.returncode != 0 or not result.exists():
+            raise RuntimeError((proc.stderr or proc.stdout).strip()[-2000:])
+        return json.loads(result.read_text())
+
+
+def _environment() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    return {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------
+QUALITY_MARGIN = 0.03  # every family member should be within 3 accuracy points of LoRA, or the report says why
+
+#: why a method may trail LoRA under a short, fixed step budget (shown when it does)
+KNOWN_REASONS = {
+    "vera": "VeRA trains ~100x fewer parameters (two vectors per layer over frozen random matrices); the paper "
+            "needs many more steps and a higher learning rate to catch up.",
+    "lora_fa": "LoRA-FA freezes A at its random init, so only B adapts: less capacity per step.",
+    "adalora": "AdaLoRA spends the start of the budget at a higher rank and prunes; with a short budget the "
+               "pruning happens before the ranks have learned much.",
+    "sora": "SoRA's soft-threshold shrinks gates towards zero, trading accuracy for a smaller final rank.",
+    "lora_drop": "LoRA-drop spends part of the budget on its measuring stage and shares one adapter across the "
+                 "less important layers.",
+    "delta_lora": "Delta-LoRA only starts moving the base weights after delta_start steps.",
+    "head-only": "baseline: the encoder is frozen, only the classifier head learns.",
+    "pissa": "PiSSA trains the principal components directly and is sensitive to the learning rate.",
+    "qlora": "the 4-bit base changes the pretrained function slightly (NF4 rounding).",
+    "loftq": "the 4-bit base changes the pretrained function slightly (NF4 rounding).",
+}
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "–"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} GB"
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def table_markdown(rows: Sequence[dict]) -> str:
+    """The results table in Markdown."""
+    head = ("| method | trainable params | % of model | held-out accuracy | eval loss | time / step | "
+            "peak memory (RSS) | adapter file |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['trainable_params']:,} | {r['trainable_pct']:.3f}% | "
+                     f"{_fmt(r['accuracy'], '.3f')} | {_fmt(r['eval_loss'], '.4f')} | "
+                     f"{_fmt(r['seconds_per_step'], '.3f')} s | {_fmt_bytes(r['peak_rss_bytes'])} | "
+                     f"{_fmt_bytes(r['artifact_bytes'])} |")
+    return "\n".join(lines)
+
+
+def quality_notes(rows: Sequence[dict]) -> list[str]:
+    """One line per contender that trails LoRA by more than the margin, with the likely reason."""
+    lora = next((r for r in rows if r["name"] == "lora"), None)
+    if lora is None or lora["accuracy"] is None:
+        return []
+    notes = []
+    for r in rows:
+        if r["name"] == "lora" or r["accuracy"] is None:
+            continue
+        gap = lora["accuracy"] - r["accuracy"]
+        if gap > QUALITY_MARGIN:
+            why = KNOWN_REASONS.get(r["name"], "no known reason: treat as a regression and investigate.")
+            notes.append(f"**{r['name']}** is {100 * gap:.1f} points below LoRA ({r['accuracy']:.3f} vs "
+                         f"{lora['accuracy']:.3f}): {why}")
+    return notes
+
+
+def _plots(rows: Sequence[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for r in rows:
+        losses = r["losses"]
+        k = max(1, len(losses) // 15)  # moving average so curves are readable
+        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
+                  for i in range(len(losses))]
+        ax.plot(range(1, len(smooth) + 1), smooth, label=r["name"], linewidth=1.4)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel(f"training loss (moving average)")
+    ax.set_title("Training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png")
+    plt.close(fig)
+    names.append("loss_curves.png")
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for r in rows:
+        if r["accuracy"] is None:
+            continue
+        ax.scatter(max(r["trainable_params"], 1), r["accuracy"], s=40)
+        ax.annotate(r["name"], (max(r["trainable_params"], 1), r["accuracy"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("Accuracy vs trainable parameters")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_params.png")
+    plt.close(fig)
+    names.append("accuracy_vs_params.png")
+    return names
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    """Write results.json, report.md, the PNG plots and report.html into ``out`` (each file atomically)."""
+    from .io import atomic_write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = results["rows"]
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    cfg = results["config"]
+    notes = quality_notes(rows)
+    skipped = results.get("skipped", {})
+    env = results.get("environment", {})
+    intro = (f"Model `{cfg['model']}`, data `{cfg['data']}` ({cfg['eval_size']} held-out rows), "
+             f"{cfg['steps']} optimiser steps of batch {cfg['batch_size']} for every contender, max length "
+             f"{cfg['max_length']}, seed {cfg['seed']}. Run {results.get('date', '')} on {env.get('threads', '?')} "
+             f"CPU threads, torch {env.get('torch', '?')}, {results['total_seconds']:.0f} s in total.")
+    md = ["# lorakit compare", "", intro, "", table_markdown(rows), ""]
+    md += ["Time per step is the median over the run; peak memory is the worker process's peak resident set "
+           "(model, data and tokenizer included); the adapter file is what `lorakit.save` writes (for full and "
+           "head-only: every trainable tensor in safetensors).", ""]
+    if notes:
+        md += ["## Methods more than 3 points below LoRA", ""] + [f"- {n}" for n in notes] + [""]
+    if skipped:
+        md += ["## Not run", ""] + [f"- {k}: {v.splitlines()[-1] if v else v}" for k, v in skipped.items()] + [""]
+    plots = _plots(rows, out) if rows else []
+    md += [f"![{p}]({p})" for p in plots]
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    atomic_write_text(out / "report.html", _html(results, rows, notes, skipped, intro, out, plots))
+
+
+def _html(results, rows, notes, skipped, intro, out: Path, plots: list[str]) -> str:
+    best = max((r["accuracy"] for r in rows if r["accuracy"] is not None), default=None)
+    body = []
+    for r in rows:
+        cls = ' class="best"' if best is not None and r["accuracy"] == best else ""
+        body.append(
+            f"<tr{cls}><td>{html.escape(r['name'])}</td><td>{r['trainable_params']:,}</td>"
+            f"<td>{r['trainable_pct']:.3f}%</td><td>{_fmt(r['accuracy'], '.3f')}</td>"
+            f"<td>{_fmt(r['eval_loss'], '.4f')}</td><td>{_fmt(r['seconds_per_step'], '.3f')} s</td>"
+            f"<td>{_fmt_bytes(r['peak_rss_bytes'])}</td><td>{_fmt_bytes(r['artifact_bytes'])}</td></tr>")
+    images = "".join(
+        f'<figure><img alt="{p}" src="data:image/png;base64,'
+        f'{base64.b64encode((out / p).read_bytes()).decode()}"></figure>' for p in plots)
+    note_html = "".join(f"<li>{html.escape(n.replace('**', ''))}</li>" for n in notes)
+    skip_html = "".join(f"<li>{html.escape(k)}: {html.escape(v.splitlines()[-1] if v else v)}</li>"
+                        for k, v in skipped.items())
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>lorakit compare</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; padding: 0 1em; }}
+table {{ border-collapse: collapse; width: 100%; font-size: 14px; }}
+th, td {{ padding: 6px 10px; border-bottom: 1px solid #ddd; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+th {{ background: #f4f4f6; }}
+tr.best td {{ background: #eaf7ea; font-weight: 600; }}
+figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
+.muted {{ color: #666; font-size: 13px; }}
+</style></head><body>
+<h1>lorakit compare</h1>
+<p>{html.escape(intro)}</p>
+<table><thead><tr><th>method</th><th>trainable params</th><th>% of model</th><th>held-out accuracy</th>
+<th>eval loss</th><th>time / step</th><th>peak memory (RSS)</th><th>adapter file</th></tr></thead>
+<tbody>{''.join(body)}</tbody></table>
+<p class="muted">Best accuracy highlighted. Time per step: median over the run. Peak memory: the worker process's
+peak resident set. Adapter file: what <code>lorakit.save</code> writes.</p>
+{f'<h2>Methods more than 3 points below LoRA</h2><ul>{note_html}</ul>' if notes else ''}
+{f'<h2>Not run</h2><ul>{skip_html}</ul>' if skipped else ''}
+{images}
+</body></html>
+"""
+
+
+def _worker(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = CompareConfig(**spec["config"])
+    row = run_contender(spec["name"], cfg, spec["workdir"])
+    Path(spec["workdir"], "result.json").write_text(json.dumps(row))
+
+
+if __name__ == "__main__":  # worker entry point used by compare()
+    _worker(sys.argv[1])

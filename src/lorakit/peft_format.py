@@ -1,0 +1,399 @@
+"""Read and write adapters in HF PEFT's folder format (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+Reading (``lorakit.load`` on a PEFT folder): LoRA, rsLoRA, DoRA, embedding LoRA, Conv2d LoRA, VeRA (saved or
+regenerated projections), AdaLoRA (pruned ranks and rank-0 layers included) and ``modules_to_save``. Keys are
+accepted with or without the ``base_model.model.`` prefix. The layers to adapt are taken from the saved tensors,
+so ``target_modules`` in any form ("all-linear", a regex, a list) is honoured exactly as PEFT applied it.
+
+Writing (``lorakit.save(model, path, format="peft")``): LoRA/rsLoRA/DoRA/VeRA/AdaLoRA in their native PEFT types;
+every other method whose change is exactly low-rank (LoRA-FA, PiSSA, SoRA, LoRA-drop's shared adapters) as plain
+LoRA with per-layer ranks and alphas; methods whose trained function cannot be expressed that way (Delta-LoRA moves
+the base weights) raise a clear error.
+
+Example:
+    >>> import torch, lorakit, tempfile
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2, targets=["0"]))
+    >>> folder = lorakit.save(net, tempfile.mkdtemp() + "/peft", format="peft")
+    >>> sorted(p.name for p in folder.iterdir())
+    ['adapter_config.json', 'adapter_model.safetensors']
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import AdapterConfig
+from .io import SEP, AdapterLoadError, _atomic_folder, _load_one
+from .model import adapted_layers, registry, set_active
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+#: per PEFT type: saved-key suffix -> lorakit tensor name (layer tensors)
+LORA_KEYS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B"}
+DORA_KEYS = {"lora_magnitude_vector": "magnitude"}
+VERA_KEYS = {"vera_lambda_b": "lambda_b", "vera_lambda_d": "lambda_d"}
+ADALORA_KEYS = {"lora_A": "A", "lora_B": "B", "lora_E": "E"}
+UNSUPPORTED_LORA_OPTIONS = ("use_qalora", "lora_bias", "layer_replication", "use_bdlora", "alora_invocation_tokens",
+                            "arrow_config", "runtime_config.ephemeral_gpu_offload", "trainable_token_indices")
+
+
+class PeftFormatError(AdapterLoadError):
+    """A PEFT folder uses something lorakit cannot represent (named in the message)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------
+def read_peft_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """PEFT's config and tensors, with the ``base_model.model.`` prefix removed from layer keys."""
+    folder = Path(path)
+    cfg_file, w_file = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{folder} has no {PEFT_CONFIG}")
+    if not w_file.exists():
+        if (folder / "adapter_model.bin").exists():
+            raise PeftFormatError(f"{folder} holds adapter_model.bin (a pickle); lorakit never unpickles. Re-save "
+                                  f"it with PEFT's save_pretrained(safe_serialization=True)")
+        raise FileNotFoundError(f"{folder} has no {PEFT_WEIGHTS}")
+    cfg = json.loads(cfg_file.read_text())
+    raw = load_file(str(w_file))
+    tensors = {}
+    for key, t in raw.items():
+        if key.startswith(PREFIX):
+            key = key[len(PREFIX):]
+        elif key.startswith("base_model."):  # VeRA's shared pair lives on the tuner, not in the model
+            key = key[len("base_model."):]
+        tensors[key] = t
+    return cfg, tensors
+
+
+def _pattern_key(patterns: dict[str, Any] | None, path: str) -> str | None:
+    """PEFT's rule for rank_pattern/alpha_pattern keys: a regex matching the end of the path on a dot boundary."""
+    for key in patterns or {}:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return key
+    return None
+
+
+def _split_layer_key(key: str, suffixes: dict[str, str]) -> tuple[str, str] | None:
+    for suffix, name in suffixes.items():
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], name
+    return None
+
+
+def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module,
+                    folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Translate a PEFT adapter into one lorakit folder entry (``meta`` for one adapter) and its tensors."""
+    peft_type = str(cfg.get("peft_type", "")).upper()
+    if peft_type == "LORA":
+        for option in UNSUPPORTED_LORA_OPTIONS:
+            if cfg.get(option):
+                raise PeftFormatError(f"{folder}: PEFT option {option}={cfg[option]!r} is not supported by lorakit")
+        if cfg.get("bias", "none") != "none":
+            raise PeftFormatError(f"{folder}: bias={cfg['bias']!r} (trained biases) is not supported; only "
+                                  f"bias='none' adapters load")
+        init = cfg.get("init_lora_weights", True)
+        if isinstance(init, str) and init.startswith(("pissa", "olora", "corda", "eva")):
+            raise PeftFormatError(f"{folder}: init_lora_weights={init!r} adapters need PEFT's modified base "
+                                  f"weights; convert them to plain LoRA first (PEFT: path_initial_model_for_"
+                                  f"weight_conversion)")
+        method = "dora" if cfg.get("use_dora") else "lora"
+        suffixes = {**LORA_KEYS, **(DORA_KEYS if method == "dora" else {})}
+    elif peft_type == "VERA":
+        method, suffixes = "vera", VERA_KEYS
+    elif peft_type == "ADALORA":
+        method, suffixes = "adalora", ADALORA_KEYS
+    else:
+        raise PeftFormatError(f"{folder}: PEFT type {peft_type!r} is not supported; lorakit reads LORA (incl. "
+                              f"DoRA/rsLoRA), VERA and ADALORA")
+
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    leftovers: dict[str, torch.Tensor] = {}
+    shared: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        if method == "vera" and key in ("vera_A", "vera_B"):
+            shared[key] = t
+            continue
+        hit = _split_layer_key(key, suffixes)
+        if hit is None:
+            leftovers[key] = t
+        else:
+            layers.setdefault(hit[0], {})[hit[1]] = t
+    if not layers:
+        raise PeftFormatError(f"{folder}: no adapter tensors found (keys like '<module>.lora_A.weight')")
+    missing = [p for p in layers if not _has_module(model, p)]
+    if missing:
+        raise PeftFormatError(f"{folder}: the model has no module(s) {missing[:4]}; was the adapter saved for a "
+                              f"different model? (pass the same architecture PEFT wrapped)")
+
+    # modules_to_save: every remaining key must belong to one of them
+    mts_names = list(cfg.get("modules_to_save") or [])
+    module_paths: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in leftovers.items():
+        mod, _, tname = key.rpartition(".")
+        if not any(mod == m or mod.endswith("." + m) for m in mts_names):
+            raise PeftFormatError(f"{folder}: unexpected tensor {key!r} (neither an adapter tensor nor part of "
+                                  f"modules_to_save {mts_names})")
+        module_paths.setdefault(mod, {})[tname] = t
+
+    translate = {"lora": _lora_layers, "dora": _lora_layers, "vera": _vera_layers, "adalora": _adalora_layers}
+    config_kwargs, layer_tensors, shared_tensors = translate[method](cfg, layers, shared, model, folder)
+    config_kwargs.update(method=method, targets=sorted(layers), modules_to_save=sorted(module_paths),
+                         dropout=float(cfg.get("lora_dropout", cfg.get("vera_dropout", 0.0)) or 0.0))
+    config = AdapterConfig(**config_kwargs)
+    out: dict[str, torch.Tensor] = {}
+    for path, named in layer_tensors.items():
+        for tname, t in named.items():
+            out[SEP.join(("peft", "layer", path, tname))] = t
+    for tname, t in shared_tensors.items():
+        out[SEP.join(("peft", "shared", "", tname))] = t
+    for mod, named in module_paths.items():
+        for tname, t in named.items():
+            out[SEP.join(("peft", "module", mod, tname))] = t
+    entry = {"config": config.to_dict(), "layers": sorted(layers), "modules_to_save": sorted(module_paths),
+             "extra": {"source": "peft", "peft_type": peft_type}}
+    return entry, out
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _ops(model: nn.Module, path: str):
+    from .layers import AdaptedLayer, ops_for
+
+    module = model.get_submodule(path)
+    return module.ops if isinstance(module, AdaptedLayer) else ops_for(module)
+
+
+def _ranked_config(cfg: dict[str, Any], ranks: dict[str, int], default_r: int, default_alpha: float,
+                   rslora: bool) -> dict[str, Any]:
+    """lorakit rank/alpha patterns (exact paths) reproducing PEFT's per-layer ranks and alphas."""
+    alpha_patterns = cfg.get("alpha_pattern") or {}
+    rank_pattern, alpha_pattern = {}, {}
+    for path, r in ranks.items():
+        if r != default_r:
+            rank_pattern[path] = r
+        key = _pattern_key(alpha_patterns, path)
+        alpha = float(alpha_patterns[key]) if key is not None else float(default_alpha)
+        alpha_pattern[path] = alpha
+    return {"r": default_r, "alpha": float(default_alpha), "scaling": "rslora" if rslora else "standard",
+            "rank_pattern": rank_pattern or None, "alpha_pattern": alpha_pattern or None}
+
+
+def _lora_layers(cfg, layers, shared, model, folder):
+    ranks, out = {}, {}
+    for path, named in layers.items():
+        if "A" not in named or "B" not in named:
+            raise PeftFormatError(f"{folder}: layer {path} lacks lora_A or lora_B")
+        a, b = named["A"], named["B"]
+        ops = _ops(model, path)
+        r = a.shape[0]
+        if ops.kind == "embedding":
+            # PEFT: A [r, num_embeddings], B [dim, r]; lorakit's embedding matrix is [dim, num_embeddings]
+            a2, b2 = a, b
+        else:
+            a2, b2 = a.reshape(r, -1), b.reshape(b.shape[0], r)
+        if tuple(a2.shape) != (r, ops.in_features) or tuple(b2.shape) != (ops.out_features, r):
+            raise PeftFormatError(f"{folder}: layer {path} is {ops.out_features}x{ops.in_features} but the adapter "
+                                  f"has A {tuple(a.shape)}, B {tuple(b.shape)}")
+        ranks[path] = r
+        out[path] = {"A": a2, "B": b2}
+        if "magnitude" in named:
+            out[path]["magnitude"] = named["magnitude"].reshape(-1)
+    kwargs = _ranked_config(cfg, ranks, int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8)),
+                            bool(cfg.get("use_rslora")))
+    return kwargs, out, {}
+
+
+def _vera_layers(cfg, layers, shared, model, folder):
+    out = {path: {"lambda_b": named["lambda_b"], "lambda_d": named["lambda_d"]} for path, named in layers.items()}
+    kwargs = {"r": int(cfg.get("r", 256)), "d_initial": float(cfg.get("d_initial", 0.1)),
+              "seed": int(cfg.get("projection_prng_key", 0)), "save_projection": bool(shared)}
+    shared_out = {}
+    if shared:
+        shared_out = {"vera_A": shared["vera_A"], "vera_B": shared["vera_B"]}
+    return kwargs, out, shared_out
+
+
+def _adalora_layers(cfg, layers, shared, model, folder):
+    ranks, out = {}, {}
+    for path, named in layers.items():
+        ranks[path] = named["A"].shape[0]
+        out[path] = dict(named)
+    kwargs = _ranked_config(cfg, ranks, int(cfg.get("init_r", 12)), float(cfg.get("lora_alpha", 8)), False)
+    kwargs.update(target_r=int(cfg.get("target_r", 8)), total_steps=cfg.get("total_step"),
+                  t_init=int(cfg.get("tinit", 0)), t_final=int(cfg.get("tfinal", 0)),
+                  delta_t=int(cfg.get("deltaT", 1)), beta1=float(cfg.get("beta1", 0.85)),
+                  beta2=float(cfg.get("beta2", 0.85)), orth_reg=float(cfg.get("orth_reg_weight", 0.5)))
+    return kwargs, out, {}
+
+
+def load_peft(model: nn.Module, path: str | os.PathLike, name: str = "default", trainable: bool = False) -> nn.Module:
+    """Load a PEFT adapter folder into ``model`` (a plain transformers/PyTorch model) as adapter ``name``.
+
+    The model is unchanged if anything does not fit. Called by :func:`lorakit.load` for PEFT folders.
+    """
+    folder = Path(path)
+    cfg, tensors = read_peft_folder(folder)
+    reg = None
+    try:
+        reg = registry(model)
+    except (KeyError, AttributeError, ValueError):
+        reg = None
+    if reg is not None and name in reg.configs:
+        raise AdapterLoadError(f"adapter name {name!r} already exists on the model; pass name=... or delete it")
+    entry, flat = peft_to_lorakit(cfg, tensors, model, folder)
+    try:
+        _load_one(model, entry, flat, "peft", name, trainable, folder)
+    except (KeyError, ValueError, TypeError) as exc:
+        if isinstance(exc, AdapterLoadError):
+            raise
+        raise PeftFormatError(f"{folder}: {exc}") from None
+    set_active(model, [name])
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------
+def save_peft(model: nn.Module, path: str | os.PathLike, names: Sequence[str], base_model_name: str | None = None
+              ) -> Path:
+    """Write adapters in PEFT's format. One adapter goes to ``path``; several go to ``path/<name>`` each."""
+    reg = registry(model)
+    plans = [(name, _peft_payload(model, name)) for name in names]  # every check before anything is written
+
+    def write(folder: Path) -> None:
+        for name, (cfg, tensors) in plans:
+            sub = folder if len(plans) == 1 else folder / name
+            sub.mkdir(parents=True, exist_ok=True)
+            if base_model_name:
+                cfg["base_model_name_or_path"] = base_model_name
+            save_file(tensors, str(sub / PEFT_WEIGHTS), metadata={"format": "pt"})
+            (sub / PEFT_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+    del reg
+    _atomic_folder(Path(path), write)
+    return Path(path)
+
+
+def _layer_entries(model: nn.Module, name: str):
+    return [(path, layer, layer.adapters[name]) for path, layer in adapted_layers(model) if name in layer.adapters]
+
+
+def _module_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for mpath in registry(model).modules_to_save.get(name, []):
+        for tname, t in model.get_submodule(mpath).state_dict().items():
+            out[f"{PREFIX}{mpath}.{tname}"] = t.detach().cpu().contiguous().clone()
+    return out
+
+
+def _base_config(config: AdapterConfig, entries, peft_type: str) -> dict[str, Any]:
+    return {"peft_type": peft_type, "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+            "target_modules": sorted(p for p, _, _ in entries), "modules_to_save": None, "bias": "none",
+            "fan_in_fan_out": any(layer.ops.kind == "conv1d" for _, layer, _ in entries), "layers_to_transform": None,
+            "layers_pattern": None, "revision": None}
+
+
+def _peft_payload(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    config = registry(model).configs[name]
+    entries = _layer_entries(model, name)
+    method = config.method
+    shifted = [p for p, _, a in entries if a.base_shift() is not None and not getattr(a, "init", "") in
+               ("pissa", "pissa_fast")]
+    if shifted:
+        raise ValueError(f"adapter {name!r} ({method}) changed the base weights of {len(shifted)} layer(s); PEFT's "
+                         f"format cannot express that. Merge it and export the full model instead "
+                         f"(lorakit export / lorakit.unload(merge=True))")
+    mts = registry(model).modules_to_save.get(name, [])
+    tensors = _module_tensors(model, name)
+    if method == "vera":
+        return _vera_payload(model, name, config, entries, tensors, mts)
+    if method == "adalora":
+        return _adalora_payload(config, entries, tensors, mts)
+    native = method in ("lora", "dora") and getattr(entries[0][2], "init", "kaiming") not in ("pissa", "pissa_fast")
+    cfg = _base_config(config, entries, "LORA")
+    ranks, alphas = {}, {}
+    for path, layer, adapter in entries:
+        if native:
+            a, b, s = adapter.A.detach().float(), adapter.B.detach().float(), adapter.scaling
+        else:
+            try:
+                a, b, s = (t.detach().float() if torch.is_tensor(t) else t for t in adapter.as_lora_factors())
+            except ValueError as exc:
+                raise ValueError(f"adapter {name!r} ({method}) cannot be written as PEFT LoRA: {exc}") from None
+        r = a.shape[0]
+        ranks[path] = r
+        # PEFT computes s from (alpha, r) per layer: choose alpha so that its s equals ours exactly
+        alphas[path] = s * (math.sqrt(r) if (native and config.scaling == "rslora") else r)
+        kind = layer.ops.kind
+        if kind == "embedding":
+            tensors[f"{PREFIX}{path}.lora_embedding_A"] = a.contiguous()
+            tensors[f"{PREFIX}{path}.lora_embedding_B"] = b.contiguous()
+        else:
+            if kind == "conv2d":
+                w = layer.base.weight
+                a = a.reshape(r, *w.shape[1:])
+                b = b.reshape(b.shape[0], r, 1, 1)
+            tensors[f"{PREFIX}{path}.lora_A.weight"] = a.contiguous()
+            tensors[f"{PREFIX}{path}.lora_B.weight"] = b.contiguous()
+        if method == "dora":
+            tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = adapter.magnitude.detach().float().reshape(-1).clone()
+    default_r = max(set(ranks.values()), key=list(ranks.values()).count)
+    default_alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    cfg.update(r=default_r, lora_alpha=default_alpha, use_rslora=bool(native and config.scaling == "rslora"),
+               use_dora=method == "dora", lora_dropout=float(config.dropout), init_lora_weights=True,
+               rank_pattern={re.escape(p): r for p, r in ranks.items() if r != default_r},
+               alpha_pattern={re.escape(p): a for p, a in alphas.items() if a != default_alpha},
+               modules_to_save=list(mts) or None)
+    return cfg, tensors
+
+
+def _vera_payload(model, name, config, entries, tensors, mts):
+    cfg = _base_config(config, entries, "VERA")
+    shared = registry(model).shared.get(name)
+    if shared is None:
+        raise ValueError(f"VeRA adapter {name!r} has no shared projections")
+    state = shared.state_dict()
+    if config.save_projection:
+        tensors["base_model.vera_A"] = state["vera_A"].detach().float().contiguous().clone()
+        tensors["base_model.vera_B"] = state["vera_B"].detach().float().contiguous().clone()
+    for path, _, adapter in entries:
+        tensors[f"{PREFIX}{path}.vera_lambda_b"] = adapter.lambda_b.detach().float().contiguous().clone()
+        tensors[f"{PREFIX}{path}.vera_lambda_d"] = adapter.lambda_d.detach().float().contiguous().clone()
+    cfg.update(r=config.r, projection_prng_key=int(config.seed or 0), save_projection=bool(config.save_projection),
+               vera_dropout=float(config.dropout), d_initial=float(config.d_initial), init_weights=True,
+               modules_to_save=list(mts) or None)
+    return cfg, tensors
+
+
+def _adalora_payload(config, entries, tensors, mts):
+    cfg = _base_config(config, entries, "ADALORA")
+    for path, _, adapter in entries:
+        for tname, suffix in (("A", "lora_A"), ("B", "lora_B"), ("E", "lora_E")):
+            tensors[f"{PREFIX}{path}.{suffix}"] = getattr(adapter, tname).detach().float().contiguous().clone()
+    ranks = {p: a.A.shape[0] for p, _, a in entries}
+    cfg.update(r=config.r, init_r=config.r, target_r=config.target_r, lora_alpha=config.alpha or config.r,
+               total_step=config.total_steps, tinit=config.t_init, tfinal=config.t_final, deltaT=config.delta_t,
+               beta1=config.beta1, beta2=config.beta2, orth_reg_weight=config.orth_reg,
+               lora_dropout=float(config.dropout), rank_pattern=None, init_lora_weights=True,
+               modules_to_save=list(mts) or None)
+    del ranks
+    return cfg, tensors
