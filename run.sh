@@ -26,6 +26,17 @@ setup() {
     echo "$want" > "$stamp"
 }
 
+# Headless Chromium for the HTML-report test (Debian's package); skipped quietly where apt is unavailable.
+ensure_chromium() {
+    command -v chromium >/dev/null 2>&1 && return 0
+    command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]] || return 0
+    echo "[run.sh] installing Debian's chromium for the report test (once) ..." >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || {
+        apt-get update -qq >/dev/null 2>&1 &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } ||
+        echo "[run.sh] could not install chromium; the HTML report test will be skipped" >&2
+}
+
 cmd="${1:-main}"; shift || true
 case "$cmd" in
     setup) setup ;;
@@ -33,6 +44,7 @@ case "$cmd" in
     quickstart) setup; exec "$PY" examples/quickstart.py "$@" ;;
     test)
         setup
+        ensure_chromium
         "$PY" -m pytest -m "not slow" "$@"
         "$PY" -m pytest -m slow "$@" || [[ $? == 5 ]]
         ;;
