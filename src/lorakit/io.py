@@ -68,6 +68,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP2 shard (a collective: every rank must call it in the same order)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """Every tensor of adapter ``name`` under its save key (layers, shared state, modules_to_save)."""
     reg = registry(model)
@@ -86,7 +91,7 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def save(model: nn.Module, path: str | os.PathLike, names: str | Sequence[str] | None = None,
-         format: str = "lorakit", convert_pissa: bool = False, **kwargs: Any) -> Path:
+         format: str = "lorakit", convert_pissa: bool = False, write_files: bool = True, **kwargs: Any) -> Path:
     """Save adapters (default: all) to folder ``path`` atomically; returns the folder.
 
     ``format="peft"`` writes PEFT's layout instead (see :mod:`lorakit.peft_format`).
@@ -121,7 +126,7 @@ def save(model: nn.Module, path: str | os.PathLike, names: str | Sequence[str] |
         if convert_pissa and config.init in ("pissa", "pissa_fast"):
             config, state = _pissa_as_lora(model, name, state)
         for key, t in state.items():
-            tensors[key] = t.detach().to("cpu").contiguous().clone()
+            tensors[key] = full_tensor(t).detach().to("cpu").contiguous().clone()
         meta["adapters"][name] = {
             "config": config.to_dict(),
             "layers": reg.layers[name],
@@ -133,7 +138,8 @@ def save(model: nn.Module, path: str | os.PathLike, names: str | Sequence[str] |
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "lorakit"})
         (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default))
 
-    _atomic_folder(Path(path), write)
+    if write_files:  # under FSDP every rank gathers (above) but only one writes
+        _atomic_folder(Path(path), write)
     return Path(path)
 
 

@@ -91,6 +91,34 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """True if FSDP2 has sharded the model's parameters (they are DTensors)."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def gather_full(obj):
+    """A nested state with every DTensor replaced by its full tensor (collective: all ranks, same order)."""
+    if hasattr(obj, "full_tensor"):
+        return obj.full_tensor()
+    if isinstance(obj, dict):
+        return {k: gather_full(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(gather_full(v) for v in obj)
+    return obj
+
+
+def reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After loading a full (gathered) optimizer state, shard each per-parameter tensor like its parameter."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for param, state in optimizer.state.items():
+        if not hasattr(param, "device_mesh"):
+            continue
+        for key, value in list(state.items()):
+            if torch.is_tensor(value) and not hasattr(value, "device_mesh") and value.shape == param.shape:
+                state[key] = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
@@ -102,6 +130,15 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
     t = torch.tensor([value], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
     dist.all_reduce(t)
     return float(t.item() / info.world_size)
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True if ``flag`` is set on any rank (so that all ranks take the same branch)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def teardown(info: DistInfo) -> None:

@@ -209,12 +209,13 @@ class Trainer:
             user_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         user_model.train()
         hooks = _training_hooks(user_model)
+        state = self._restore_adapters(user_model) if cfg.resume else None  # before sharding: plain tensors
         model = dist_utils.wrap(user_model, cfg.distributed, info)
-        optimizer = self._make_optimizer(user_model)
+        optimizer = self._make_optimizer(user_model)  # after wrapping: FSDP2 replaces parameters by DTensors
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         start = 0
-        if cfg.resume:
-            start = self._resume(user_model, optimizer, scheduler, hooks)
+        if state is not None:
+            start = self._resume(state, user_model, optimizer, scheduler, hooks)
         out = Path(cfg.output_dir) if cfg.output_dir else None
         if out is not None and info.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -225,7 +226,7 @@ class Trainer:
         step = start
         try:
             while step < cfg.steps:
-                if self._stop_requested:
+                if dist_utils.any_rank(self._stop_requested, info):  # every rank stops at the same step
                     self._interrupt(step, user_model, optimizer, scheduler, hooks)
                     break
                 t0 = time.perf_counter()
@@ -368,27 +369,34 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _save(self, step: int, model: nn.Module, optimizer, scheduler, hooks, final: bool = False) -> Path | None:
+        from ..io import save
+
         out = Path(self.config.output_dir)
         folder = out / f"ckpt-{step}"
+        # Under FSDP every rank takes part in gathering the shards (same order everywhere); only rank 0 writes.
+        sharded = dist_utils.is_sharded(model)
+        optimizer_state = optimizer.state_dict()
+        if sharded:
+            optimizer_state = dist_utils.gather_full(optimizer_state)
         if self.info.is_main:
-            from ..io import save
-
             parts = {
                 "trainer": {"step": step, "losses": self.result.losses, "evals": self.result.evals,
                             "config": dataclasses.asdict(self.config)},
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "rng": ckpt.rng_state(),
                 "hooks": hooks.state_dict() if hooks is not None and hasattr(hooks, "state_dict") else {},
             }
             ckpt.write_checkpoint(folder, parts, lambda p: save(model, p))
             ckpt.prune_checkpoints(out, self.config.keep_last)
-            if final:
-                save(model, out / "adapter")
+        elif sharded:
+            save(model, folder / "adapter", write_files=False)
+        if final:
+            save(model, out / "adapter", write_files=self.info.is_main)
         dist_utils.barrier(self.info)
         return folder
 
-    def _resume(self, model: nn.Module, optimizer, scheduler, hooks) -> int:
+    def _restore_adapters(self, model: nn.Module) -> tuple[Path, dict[str, Any]]:
         from ..io import restore
 
         folder = ckpt.latest_checkpoint(Path(self.config.resume))
@@ -396,7 +404,13 @@ class Trainer:
             raise FileNotFoundError(f"no checkpoint found in {self.config.resume!r} (expected ckpt-<step> folders)")
         state = ckpt.read_checkpoint(folder)
         restore(model, folder / "adapter")
+        return folder, state
+
+    def _resume(self, restored: tuple[Path, dict[str, Any]], model: nn.Module, optimizer, scheduler, hooks) -> int:
+        _, state = restored
         optimizer.load_state_dict(state["optimizer"])
+        if dist_utils.is_sharded(model):
+            dist_utils.reshard_optimizer_state(optimizer)
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         if hooks is not None and state.get("hooks") and hasattr(hooks, "load_state_dict"):
