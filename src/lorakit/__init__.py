@@ -38,6 +38,7 @@ _LAZY = {
     "quantize": "lorakit.quant",
     "make_optimizer": "lorakit.optim",
     "loraplus_param_groups": "lorakit.optim",
+    "run_lora_drop": "lorakit.methods.lora_drop",
 }
 
 
@@ -68,6 +69,7 @@ __all__ = [
     "merge",
     "parameter_report",
     "route",
+    "run_lora_drop",
     "save",
     "set_active",
     "set_trainable",

@@ -68,6 +68,7 @@ class AdapterConfig:
     drop_fraction: float = 0.1
     drop_threshold: float = 0.9
     drop_top_n: int | None = None
+    drop_selected: Sequence[str] | None = None  # stage-2 layers keeping their own pair (None: every layer)
     # Delta-LoRA
     delta_lambda: float = 2.0
     delta_start: int = 500
