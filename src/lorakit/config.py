@@ -60,6 +60,7 @@ class AdapterConfig:
     beta1: float = 0.85
     beta2: float = 0.85
     orth_reg: float = 0.1
+    final_ranks: dict[str, int] | None = None  # set by AdaLoRA's finish: layer path -> kept rank (0 allowed)
     # SoRA
     sora_xi: float = 1e-4  # soft-threshold strength; threshold per step = lr * xi
     sora_lr: float | None = None  # gate learning rate (None: the main lr)

@@ -68,6 +68,10 @@ class Adapter(nn.Module):
         self.out_features = ops.out_features
         self.layer_kind = ops.kind
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 and ops.supports_dropout() else nn.Identity()
+        if type(self).needs_hooks:  # lets lorakit warn once if optimiser steps run without the training hooks
+            from ..train.hooks import watch_adapter
+
+            watch_adapter(self)
 
     # -- configuration ----------------------------------------------------------------------------------------
     @classmethod
@@ -149,6 +153,16 @@ class Adapter(nn.Module):
     def adapter_finish(cls, model: nn.Module, name: str, entries: list, config: "AdapterConfig") -> None:
         for _, layer, adapter in entries:
             adapter.finish(layer)
+
+    @classmethod
+    def adapter_state_dict(cls, model: nn.Module, name: str, entries: list, config: "AdapterConfig") -> dict:
+        """Training state the hooks checkpoint for exact resume (nested dicts/lists of tensors and numbers)."""
+        return {}
+
+    @classmethod
+    def adapter_load_state_dict(cls, model: nn.Module, name: str, entries: list, config: "AdapterConfig",
+                                state: dict) -> None:
+        """Inverse of :meth:`adapter_state_dict`."""
 
     def optimizer_options(self, param_name: str, config: "AdapterConfig") -> dict | None:
         """Per-parameter optimiser overrides (e.g. ``{"weight_decay": 0.0, "lr": ...}`` for SoRA's gates), or None.
