@@ -209,3 +209,32 @@ def test_tiny_llama_trains_through_plain_loop_hooks(tmp_path):
     fresh = copy.deepcopy(original)
     lorakit.load(fresh, tmp_path / "run")
     assert torch.allclose(fresh(data).logits, y, atol=ATOL)
+
+
+def test_tiny_llama_trains_with_the_transformers_trainer_callback(tmp_path):
+    from transformers import TrainingArguments
+
+    from lorakit.train.callbacks import LorakitTrainer
+
+    model = tiny_llama(hidden=32)
+    original = copy.deepcopy(model)
+    lorakit.attach(model, AdapterConfig(method="delta_lora", r=4, alpha=8, targets=["q_proj", "v_proj"],
+                                        delta_start=3, seed=0))
+    seqs = torch.randint(0, 128, (8, 12), generator=torch.Generator().manual_seed(0))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=20, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+                             disable_tqdm=True)
+    trainer = LorakitTrainer(model=model, args=args, train_dataset=[{"input_ids": s, "labels": s} for s in seqs])
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-4:]) < sum(losses[:4])
+    for path, layer in adapted_layers(model):  # the callback drove the base updates
+        shift = layer.adapters["default"].base_shift()
+        assert shift.abs().sum() > 0
+        assert torch.allclose(layer.base.weight, original.get_submodule(path).weight + shift, atol=1e-6)
+    model.eval()
+    y = model(seqs).logits
+    lorakit.save(model, tmp_path / "adapter")
+    fresh = copy.deepcopy(original)
+    lorakit.load(fresh, tmp_path / "adapter")
+    assert torch.allclose(fresh(seqs).logits, y, atol=ATOL)

@@ -307,3 +307,24 @@ def test_tiny_llama_trains_through_plain_loop_hooks_and_prunes():
     hooks.finish()
     assert torch.allclose(model(data).logits, y, atol=ATOL)
     assert kept_ranks(model) == ranks
+
+
+def test_tiny_llama_trains_with_the_transformers_trainer_callback(tmp_path):
+    from transformers import TrainingArguments
+
+    from lorakit.train.callbacks import LorakitTrainer
+
+    model = tiny_llama(hidden=32)
+    lorakit.attach(model, AdapterConfig(method="sora", r=4, alpha=8, targets=["q_proj", "v_proj"], sora_xi=2.0,
+                                        seed=0))
+    seqs = torch.randint(0, 128, (8, 12), generator=torch.Generator().manual_seed(0))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+                             disable_tqdm=True)
+    trainer = LorakitTrainer(model=model, args=args, train_dataset=[{"input_ids": s, "labels": s} for s in seqs])
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-4:]) < sum(losses[:4])
+    info = registry(model).extra["default"]["sora"]  # on_train_end ran finish(): pruned to plain LoRA
+    assert info["finished"] and registry(model).configs["default"].method == "lora"
+    assert set(info["kept_ranks"]) == {p for p, _ in adapted_layers(model)}
