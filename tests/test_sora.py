@@ -328,3 +328,19 @@ def test_tiny_llama_trains_with_the_transformers_trainer_callback(tmp_path):
     info = registry(model).extra["default"]["sora"]  # on_train_end ran finish(): pruned to plain LoRA
     assert info["finished"] and registry(model).configs["default"].method == "lora"
     assert set(info["kept_ranks"]) == {p for p, _ in adapted_layers(model)}
+
+
+def test_pruned_adapter_is_a_plain_lora_that_peft_loads(llama, token_batch, tmp_path):
+    from peft import PeftModel
+
+    base = copy.deepcopy(llama)
+    lorakit.attach(llama, AdapterConfig(method="sora", r=4, targets=["q_proj", "v_proj"]))
+    randomise(llama)
+    for i, (_, layer) in enumerate(adapted_layers(llama)):
+        with torch.no_grad():
+            layer.adapters["default"].gate[: i % 4] = 0.0  # kept ranks 4, 3, 2, 1
+    y = llama(token_batch).logits
+    lorakit.training_hooks(llama).finish()
+    lorakit.save(llama, tmp_path / "peft", format="peft")
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "peft"))
+    assert torch.allclose(peft_model(token_batch).logits, y, atol=ATOL)
