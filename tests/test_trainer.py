@@ -113,3 +113,21 @@ def test_bf16_autocast_and_gradient_checkpointing_train():
     cfg = TrainConfig(steps=3, batch_size=4, bf16=True, gradient_checkpointing=True, progress=False)
     result = Trainer(model, cfg, lm_data(8)).train()
     assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_model_without_adapters_trains_saves_and_resumes(tmp_path):
+    """Full fine-tuning / head-only baselines go through the same trainer (trainable tensors are saved)."""
+    def model():
+        m = tiny_llama(seed=0)
+        for n, p in m.named_parameters():
+            p.requires_grad_(n.startswith("lm_head"))
+        return m
+
+    base = dict(steps=4, batch_size=4, lr=1e-2, progress=False, log_every=1, schedule="constant")
+    full = Trainer(model(), TrainConfig(**base, output_dir=str(tmp_path / "a")), lm_data(16)).train()
+    assert (tmp_path / "a" / "adapter" / "trainable.safetensors").exists()
+    Trainer(model(), TrainConfig(**{**base, "steps": 2}, output_dir=str(tmp_path / "b"), save_every=1),
+            lm_data(16)).train()
+    resumed = Trainer(model(), TrainConfig(**base, output_dir=str(tmp_path / "b"), resume=str(tmp_path / "b")),
+                      lm_data(16)).train()
+    assert resumed.losses == full.losses

@@ -369,7 +369,11 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _save(self, step: int, model: nn.Module, optimizer, scheduler, hooks, final: bool = False) -> Path | None:
-        from ..io import save
+        from ..io import save as save_adapters
+        from ..model import _registry
+
+        # a model without adapters (full fine-tuning, head-only baselines) saves its trainable tensors instead
+        save = save_adapters if _registry(model) is not None else _save_trainable
 
         out = Path(self.config.output_dir)
         folder = out / f"ckpt-{step}"
@@ -403,7 +407,16 @@ class Trainer:
         if folder is None:
             raise FileNotFoundError(f"no checkpoint found in {self.config.resume!r} (expected ckpt-<step> folders)")
         state = ckpt.read_checkpoint(folder)
-        restore(model, folder / "adapter")
+        if (folder / "adapter" / TRAINABLE_FILE).exists():
+            from safetensors.torch import load_file
+
+            saved = load_file(str(folder / "adapter" / TRAINABLE_FILE))
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in saved:
+                        p.copy_(saved[n])
+        else:
+            restore(model, folder / "adapter")
         return folder, state
 
     def _resume(self, restored: tuple[Path, dict[str, Any]], model: nn.Module, optimizer, scheduler, hooks) -> int:
@@ -441,6 +454,22 @@ class Trainer:
             if self.info.is_main:
                 print(f"saved checkpoint {folder} at step {step}. Resume with the same command plus "
                       f"--resume {self.config.output_dir}", file=sys.stderr)
+
+
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+def _save_trainable(model: nn.Module, path: Path, write_files: bool = True) -> Path:
+    """Every trainable tensor of a model without adapters, in one safetensors file (atomic folder)."""
+    from safetensors.torch import save_file
+
+    from ..io import _atomic_folder, full_tensor
+
+    tensors = {n: full_tensor(p).detach().cpu().contiguous().clone() for n, p in model.named_parameters()
+               if p.requires_grad}
+    if write_files:
+        _atomic_folder(Path(path), lambda folder: save_file(tensors, str(folder / TRAINABLE_FILE)))
+    return Path(path)
 
 
 def stack_collate(examples: list[Any]) -> Any:
