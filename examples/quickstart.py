@@ -24,9 +24,9 @@ from lorakit.assets import minilm_path, movie_reviews
 def batches(rows, tokenizer, batch_size, max_length=64):
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        enc = tokenizer([t for t, _ in chunk], padding=True, truncation=True, max_length=max_length,
+        enc = tokenizer([r["text"] for r in chunk], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")
-        yield enc, torch.tensor([y for _, y in chunk])
+        yield enc, torch.tensor([r["label"] for r in chunk])
 
 
 @torch.no_grad()
