@@ -204,10 +204,11 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, tra
         >>> _ = lorakit.load(fresh, folder)
     """
     folder = Path(path)
-    if (folder / "adapter_config.json").exists() and not (folder / CONFIG_FILE).exists():
-        from .peft_format import load_peft
+    if not (folder / CONFIG_FILE).exists():
+        from .peft_format import is_peft_folder, load_peft
 
-        return load_peft(model, folder, name=name or "default", trainable=trainable)
+        if is_peft_folder(folder):  # one PEFT adapter, or PEFT's multi-adapter layout (named subfolders)
+            return load_peft(model, folder, name=name, trainable=trainable)
     meta, tensors = read_folder(folder)
     saved = meta["adapters"]
     if name is None:

@@ -152,7 +152,10 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
     config_kwargs, layer_tensors, shared_tensors = translate[method](cfg, layers, shared, model, folder)
     config_kwargs.update(method=method, targets=sorted(layers), modules_to_save=sorted(module_paths),
                          dropout=float(cfg.get("lora_dropout", cfg.get("vera_dropout", 0.0)) or 0.0))
-    config = AdapterConfig(**config_kwargs)
+    try:
+        config = AdapterConfig(**config_kwargs)
+    except ValueError as exc:
+        raise PeftFormatError(f"{folder}: the PEFT config does not translate to a valid lorakit config: {exc}") from None
     out: dict[str, torch.Tensor] = {}
     for path, named in layer_tensors.items():
         for tname, t in named.items():
@@ -232,42 +235,187 @@ def _vera_layers(cfg, layers, shared, model, folder):
     return kwargs, out, shared_out
 
 
+def _adalora_masks(cfg: dict[str, Any], folder: Path) -> dict[str, list[bool]]:
+    """PEFT's ``rank_pattern`` after rank allocation: ``{"<path>.lora_E": [bool] * init_r}`` -> ``{path: mask}``."""
+    pattern = cfg.get("rank_pattern") or {}
+    masks = {}
+    for key, mask in pattern.items():
+        if ".lora_E" not in key:
+            raise PeftFormatError(f"{folder}: AdaLoRA rank_pattern key {key!r} is not '<module path>.lora_E'")
+        if not isinstance(mask, list) or not all(isinstance(m, bool) for m in mask):
+            raise PeftFormatError(f"{folder}: AdaLoRA rank_pattern[{key!r}] must be a list of booleans (one per "
+                                  f"initial triplet); got {mask!r}")
+        path = key.split(".lora_E")[0]  # PEFT may leave the adapter name after it: "<path>.lora_E.default"
+        masks[path[len(PREFIX):] if path.startswith(PREFIX) else path] = mask
+    return masks
+
+
 def _adalora_layers(cfg, layers, shared, model, folder):
-    ranks, out = {}, {}
+    """PEFT AdaLoRA -> lorakit AdaLoRA: ``r = init_r`` always (it sets the scaling alpha/(init_r + 1e-5)); layers
+    pruned by rank allocation get their kept rank from ``final_ranks``, as lorakit's own ``finish()`` records it."""
+    init_r = int(cfg.get("init_r", 12))
+    masks = _adalora_masks(cfg, folder)
+    unknown = sorted(set(masks) - set(layers))
+    if unknown:
+        raise PeftFormatError(f"{folder}: AdaLoRA rank_pattern names layers without adapter tensors: {unknown[:4]}")
+    out, final = {}, {}
     for path, named in layers.items():
-        ranks[path] = named["A"].shape[0]
-        out[path] = dict(named)
-    kwargs = _ranked_config(cfg, ranks, int(cfg.get("init_r", 12)), float(cfg.get("lora_alpha", 8)), False)
-    kwargs.update(target_r=int(cfg.get("target_r", 8)), total_steps=cfg.get("total_step"),
-                  t_init=int(cfg.get("tinit", 0)), t_final=int(cfg.get("tfinal", 0)),
-                  delta_t=int(cfg.get("deltaT", 1)), beta1=float(cfg.get("beta1", 0.85)),
-                  beta2=float(cfg.get("beta2", 0.85)), orth_reg=float(cfg.get("orth_reg_weight", 0.5)))
+        lacking = [k for k in ("A", "E", "B") if k not in named]
+        if lacking:
+            raise PeftFormatError(f"{folder}: AdaLoRA layer {path} lacks lora_{', lora_'.join(lacking)}")
+        ops = _ops(model, path)
+        if ops.kind == "embedding":
+            raise PeftFormatError(f"{folder}: AdaLoRA layer {path} is an embedding, which AdaLoRA does not adapt")
+        a, e, b = named["A"], named["E"], named["B"]
+        # explicit shapes: rank-0 layers have zero-size tensors, where a -1 dimension is ambiguous
+        a, e = a.reshape(a.shape[0], math.prod(a.shape[1:])), e.reshape(e.numel(), 1)
+        b = b.reshape(b.shape[0], math.prod(b.shape[1:]))
+        rows = a.shape[0]
+        mask = masks.get(path)
+        if mask is not None:
+            if len(mask) != init_r:
+                raise PeftFormatError(f"{folder}: AdaLoRA rank_pattern mask of {path} has {len(mask)} entries; "
+                                      f"init_r={init_r} needs one per initial triplet")
+            kept = sum(mask)
+            if rows == init_r and kept < init_r:  # full-size tensors next to a mask: keep the masked triplets
+                idx = torch.tensor(mask)
+                a, e, b, rows = a[idx], e[idx], b[:, idx], kept
+            if rows != kept:
+                raise PeftFormatError(f"{folder}: AdaLoRA layer {path} has {rows} triplets but its rank_pattern "
+                                      f"mask keeps {kept}")
+        elif rows != init_r:
+            raise PeftFormatError(f"{folder}: AdaLoRA layer {path} has {rows} triplets, init_r={init_r}, and no "
+                                  f"rank_pattern entry '{path}.lora_E' saying which were kept")
+        if (tuple(a.shape) != (rows, ops.in_features) or tuple(b.shape) != (ops.out_features, rows)
+                or e.shape[0] != rows):
+            raise PeftFormatError(f"{folder}: AdaLoRA layer {path} is {ops.out_features}x{ops.in_features} but the "
+                                  f"adapter has A {tuple(named['A'].shape)}, E {tuple(named['E'].shape)}, "
+                                  f"B {tuple(named['B'].shape)}")
+        out[path] = {"A": a, "E": e, "B": b}
+        final[path] = rows
+    alpha = float(cfg.get("lora_alpha", 8) or 0)
+    target_r = int(cfg.get("target_r", 8))
+    kwargs = dict(r=init_r, alpha=alpha if alpha > 0 else float(init_r),  # PEFT: lora_alpha, or r when it is 0
+                  final_ranks=final if masks else None,
+                  # a finished adapter no longer uses target_r; keep it valid for lorakit's checks
+                  target_r=min(target_r, init_r) if masks else target_r,
+                  total_steps=cfg.get("total_step"), t_init=int(cfg.get("tinit", 0)),
+                  t_final=int(cfg.get("tfinal", 0)), delta_t=int(cfg.get("deltaT", 1)),
+                  beta1=float(cfg.get("beta1", 0.85)), beta2=float(cfg.get("beta2", 0.85)),
+                  orth_reg=float(cfg.get("orth_reg_weight", 0.5)))
     return kwargs, out, {}
 
 
-def load_peft(model: nn.Module, path: str | os.PathLike, name: str = "default", trainable: bool = False) -> nn.Module:
-    """Load a PEFT adapter folder into ``model`` (a plain transformers/PyTorch model) as adapter ``name``.
+def peft_adapter_folders(path: str | os.PathLike) -> dict[str, Path]:
+    """The PEFT adapters in ``path``, by name, in PEFT's own multi-adapter layout.
 
-    The model is unchanged if anything does not fit. Called by :func:`lorakit.load` for PEFT folders.
+    PEFT's ``save_pretrained`` writes adapter ``"default"`` into the folder itself and every other adapter into a
+    subfolder named after it; a folder holding only subfolders is therefore a set of named adapters.
+
+    Example:
+        >>> import tempfile
+        >>> peft_adapter_folders(tempfile.mkdtemp())
+        {}
     """
     folder = Path(path)
-    cfg, tensors = read_peft_folder(folder)
-    reg = None
+    found: dict[str, Path] = {}
+    if (folder / PEFT_CONFIG).exists():
+        found["default"] = folder
+    if folder.is_dir():
+        for sub in sorted(folder.iterdir()):
+            if sub.is_dir() and (sub / PEFT_CONFIG).exists() and sub.name not in found:
+                found[sub.name] = sub
+    return found
+
+
+def is_peft_folder(path: str | os.PathLike) -> bool:
+    """True if ``path`` holds a PEFT adapter (``adapter_config.json``) or PEFT's per-name adapter subfolders."""
+    return bool(peft_adapter_folders(path))
+
+
+def load_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None, trainable: bool = False
+              ) -> nn.Module:
+    """Load PEFT adapter(s) from ``path`` into ``model`` (a plain transformers/PyTorch model); they become active.
+
+    ``path`` is one PEFT adapter folder or a folder PEFT's ``save_pretrained`` wrote several adapters into
+    (``"default"`` at the top, the others in ``<path>/<name>``). As for lorakit folders: ``name=None`` loads every
+    adapter under its PEFT name; with one adapter ``name`` renames it (load next to existing adapters under a
+    chosen name); with several it selects one. Every adapter is translated and checked before the model changes,
+    and a failure part-way is rolled back, so on any error the model is unchanged. Called by :func:`lorakit.load`.
+
+    Example:
+        >>> import torch, lorakit, tempfile
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2, targets=["0"]))
+        >>> folder = lorakit.save(net, tempfile.mkdtemp() + "/peft", format="peft")
+        >>> _ = load_peft(net, folder, name="again")
+        >>> lorakit.adapter_names(net)
+        ['default', 'again']
+    """
+    from .model import _registry, delete
+
+    folder = Path(path)
+    found = peft_adapter_folders(folder)
+    if not found:
+        read_peft_folder(folder)  # raises the precise "no adapter_config.json / no safetensors" error
+    if name is None:
+        chosen = [(n, n) for n in found]
+    elif len(found) == 1:
+        chosen = [(next(iter(found)), name)]
+    elif name in found:
+        chosen = [(name, name)]
+    else:
+        raise AdapterLoadError(f"{folder} holds PEFT adapters {list(found)}; name={name!r} is none of them")
+    reg = _registry(model)
+    taken = [new for _, new in chosen if reg is not None and new in reg.configs]
+    if taken:
+        raise AdapterLoadError(f"adapter name(s) {taken} already exist on the model; pass name=... or delete them")
+    # translate every adapter first: all PEFT-side problems surface before the model changes
+    prepared = []
+    for saved, new in chosen:
+        cfg, tensors = read_peft_folder(found[saved])
+        prepared.append((new, found[saved], *peft_to_lorakit(cfg, tensors, model, found[saved])))
+    snapshot = _snapshot(model, [mpath for *_, entry, _ in prepared for mpath in entry["modules_to_save"]])
+    done: list[str] = []
     try:
-        reg = registry(model)
-    except (KeyError, AttributeError, ValueError):
-        reg = None
-    if reg is not None and name in reg.configs:
-        raise AdapterLoadError(f"adapter name {name!r} already exists on the model; pass name=... or delete it")
-    entry, flat = peft_to_lorakit(cfg, tensors, model, folder)
-    try:
-        _load_one(model, entry, flat, "peft", name, trainable, folder)
-    except (KeyError, ValueError, TypeError) as exc:
-        if isinstance(exc, AdapterLoadError):
-            raise
-        raise PeftFormatError(f"{folder}: {exc}") from None
-    set_active(model, [name])
+        for new, sub, entry, flat in prepared:
+            try:
+                _load_one(model, entry, flat, "peft", new, trainable, sub)
+            except (KeyError, ValueError, TypeError) as exc:
+                if isinstance(exc, AdapterLoadError):
+                    raise
+                raise PeftFormatError(f"{sub}: {exc}") from None
+            done.append(new)
+    except Exception:
+        for n in reversed(done):
+            delete(model, n)
+        _restore(model, snapshot)
+        raise
+    set_active(model, [new for new, *_ in prepared])
     return model
+
+
+def _snapshot(model: nn.Module, module_paths: list[str]) -> dict[str, Any]:
+    """What a load changes besides adding adapters: modules_to_save weights, trainable flags, active adapters."""
+    from .model import _registry
+
+    reg = _registry(model)
+    return {"modules": {p: {k: v.detach().clone() for k, v in model.get_submodule(p).state_dict().items()}
+                        for p in module_paths},
+            "grad": [(p, p.requires_grad) for p in model.parameters()],
+            "active": list(reg.active) if reg is not None else None}
+
+
+def _restore(model: nn.Module, snap: dict[str, Any]) -> None:
+    from .model import _registry
+
+    for mpath, state in snap["modules"].items():
+        model.get_submodule(mpath).load_state_dict(state)
+    for p, flag in snap["grad"]:
+        p.requires_grad_(flag)
+    reg = _registry(model)
+    if reg is not None and snap["active"] is not None:
+        set_active(model, snap["active"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,20 +423,38 @@ def load_peft(model: nn.Module, path: str | os.PathLike, name: str = "default", 
 # ---------------------------------------------------------------------------------------------------------------
 def save_peft(model: nn.Module, path: str | os.PathLike, names: Sequence[str], base_model_name: str | None = None
               ) -> Path:
-    """Write adapters in PEFT's format. One adapter goes to ``path``; several go to ``path/<name>`` each."""
-    reg = registry(model)
+    """Write adapters ``names`` in PEFT's format to folder ``path`` (atomically); returns the folder.
+
+    One adapter goes into ``path`` itself, whatever its name. Several follow PEFT's own ``save_pretrained`` layout:
+    ``"default"`` in ``path``, every other adapter in ``path/<name>``, so ``PeftModel.from_pretrained(base, path)``
+    loads "default" and ``peft_model.load_adapter(path / name, adapter_name=name)`` (or
+    ``PeftModel.from_pretrained(base, path / name)``) the others. Every adapter is translated before anything is
+    written. Called by ``lorakit.save(model, path, format="peft")``.
+
+    Example:
+        >>> import torch, lorakit, tempfile
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2, targets=["0"]))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2, targets=["1"]), name="other")
+        >>> folder = save_peft(net, tempfile.mkdtemp() + "/peft", ["default", "other"])
+        >>> sorted(p.name for p in folder.iterdir())
+        ['adapter_config.json', 'adapter_model.safetensors', 'other']
+    """
+    registry(model)  # a clear error for a model without adapters
+    names = list(names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"save(format='peft') got repeated adapter names {names}")
     plans = [(name, _peft_payload(model, name)) for name in names]  # every check before anything is written
 
     def write(folder: Path) -> None:
         for name, (cfg, tensors) in plans:
-            sub = folder if len(plans) == 1 else folder / name
+            sub = folder if len(plans) == 1 or name == "default" else folder / name
             sub.mkdir(parents=True, exist_ok=True)
             if base_model_name:
                 cfg["base_model_name_or_path"] = base_model_name
             save_file(tensors, str(sub / PEFT_WEIGHTS), metadata={"format": "pt"})
             (sub / PEFT_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
-    del reg
     _atomic_folder(Path(path), write)
     return Path(path)
 
@@ -385,15 +551,32 @@ def _vera_payload(model, name, config, entries, tensors, mts):
 
 
 def _adalora_payload(config, entries, tensors, mts):
+    """lorakit AdaLoRA -> PEFT AdaLoRA. PEFT gives every layer ``init_r`` triplets and the scaling
+    ``lora_alpha / (init_r + 1e-5)``; a layer with fewer triplets (pruned by ``finish()``, or a smaller initial
+    rank) is written shrunk with a ``rank_pattern`` bool mask of length ``init_r`` (PEFT's own layout after rank
+    allocation, which resizes its modules on load), and a layer whose scaling differs from PEFT's single one has the
+    ratio folded into ``λ`` (``E``) — the same function either way."""
+    bad = [p for p, layer, _ in entries if layer.ops.kind == "embedding"]
+    if bad:
+        raise ValueError(f"AdaLoRA adapter on embedding layer(s) {bad[:3]} cannot be written for PEFT, whose AdaLoRA "
+                         f"adapts Linear, Conv1D and Conv2d layers only")
     cfg = _base_config(config, entries, "ADALORA")
+    init_r = max(a.r_init for _, _, a in entries)
+    alphas = [a.alpha for _, _, a in entries]
+    alpha = max(set(alphas), key=alphas.count)
+    peft_scaling = alpha / (init_r + 1e-5)
+    rank_pattern = {}
     for path, _, adapter in entries:
-        for tname, suffix in (("A", "lora_A"), ("B", "lora_B"), ("E", "lora_E")):
-            tensors[f"{PREFIX}{path}.{suffix}"] = getattr(adapter, tname).detach().float().contiguous().clone()
-    ranks = {p: a.A.shape[0] for p, _, a in entries}
-    cfg.update(r=config.r, init_r=config.r, target_r=config.target_r, lora_alpha=config.alpha or config.r,
-               total_step=config.total_steps, tinit=config.t_init, tfinal=config.t_final, deltaT=config.delta_t,
-               beta1=config.beta1, beta2=config.beta2, orth_reg_weight=config.orth_reg,
-               lora_dropout=float(config.dropout), rank_pattern=None, init_lora_weights=True,
-               modules_to_save=list(mts) or None)
-    del ranks
+        e = adapter.E.detach().float()
+        if adapter.scaling != peft_scaling:
+            e = e * (adapter.scaling / peft_scaling)
+        for name, t in (("lora_A", adapter.A.detach().float()), ("lora_E", e), ("lora_B", adapter.B.detach().float())):
+            tensors[f"{PREFIX}{path}.{name}"] = t.contiguous().clone()
+        if adapter.r < init_r:
+            rank_pattern[f"{path}.lora_E"] = [True] * adapter.r + [False] * (init_r - adapter.r)
+    # r is unused by PEFT's AdaLoRA (it warns unless r is its default, 8)
+    cfg.update(r=8, init_r=init_r, target_r=int(config.target_r), lora_alpha=alpha, total_step=config.total_steps,
+               tinit=config.t_init, tfinal=config.t_final, deltaT=config.delta_t, beta1=config.beta1,
+               beta2=config.beta2, orth_reg_weight=config.orth_reg, lora_dropout=float(config.dropout),
+               rank_pattern=rank_pattern or None, init_lora_weights=True, modules_to_save=list(mts) or None)
     return cfg, tensors
