@@ -424,3 +424,109 @@ def test_failed_peft_load_leaves_the_model_unchanged(tmp_path):
     # and a name that is none of the folder's adapters is refused before anything happens
     with pytest.raises(lorakit.io.AdapterLoadError, match="none of them"):
         lorakit.load(model, multi, name="nope")
+
+
+# ------------------------------------------------------------------------ methods PEFT lacks: written as plain LoRA
+def _randomise_ours(model, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _saved_as_plain_lora(base, model, folder):
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and not cfg["use_dora"] and not cfg["use_rslora"]
+    _peft_matches_ours(base, model, folder)
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_sora_written_as_plain_lora(tmp_path, finished):
+    pytest.importorskip("lorakit.methods.sora")
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    lorakit.attach(model, AdapterConfig(method="sora", r=4, alpha=6, targets=["q_proj", "up_proj"], seed=0))
+    _randomise_ours(model)
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(lorakit.model.adapted_layers(model)):
+            layer.adapters["default"].gate[: i % 4] = 0.0  # sparse gates: kept ranks 4, 3, 2, 1
+    model.eval()
+    if finished:
+        lorakit.training_hooks(model).finish()  # pruned to a plain LoRA of rank nnz(g) per layer
+    folder = lorakit.save(model, tmp_path / "sora", format="peft")
+    # before finish: rank r with the gate folded into B (s·(B·diag(g))·A); after: the pruned ranks
+    ranks = {k.split(".lora_A")[0].removeprefix("base_model.model."): v.shape[0]
+             for k, v in load_file(str(folder / "adapter_model.safetensors")).items() if "lora_A" in k}
+    assert sorted(ranks.values()) == ([1, 2, 3, 4] if finished else [4] * 4)
+    _saved_as_plain_lora(base, model, folder)
+
+
+def test_lora_drop_shared_pair_written_per_layer(tmp_path):
+    pytest.importorskip("lorakit.methods.lora_drop")
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    selected = ["model.layers.1.self_attn.q_proj"]
+    lorakit.attach(model, AdapterConfig(method="lora_drop", r=4, alpha=8, targets=["q_proj", "v_proj"],
+                                        drop_selected=selected, seed=0))
+    _randomise_ours(model)
+    model.eval()
+    folder = lorakit.save(model, tmp_path / "drop", format="peft")
+    sd = load_file(str(folder / "adapter_model.safetensors"))
+    # every layer gets its own copy; layers sharing a pair get equal tensors
+    a = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): v for k, v in sd.items() if "lora_A" in k}
+    assert len(a) == 4
+    assert torch.equal(a["model.layers.0.self_attn.v_proj"], a["model.layers.1.self_attn.v_proj"])
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj"], a["model.layers.1.self_attn.q_proj"])
+    _saved_as_plain_lora(base, model, folder)
+
+
+def test_lora_fa_written_as_plain_lora(tmp_path):
+    pytest.importorskip("lorakit.methods.lora_fa")
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    lorakit.attach(model, AdapterConfig(method="lora_fa", r=4, alpha=8, targets=["q_proj", "down_proj"], seed=0))
+    _randomise_ours(model)  # B trains (A is frozen, so it keeps its init)
+    model.eval()
+    folder = lorakit.save(model, tmp_path / "fa", format="peft")
+    _saved_as_plain_lora(base, model, folder)
+
+
+# ------------------------------------------------------------------------------------------------------ VeRA
+VERA_TARGETS = ["q_proj", "down_proj"]  # different shapes: the shared pair is sized for the largest (128 in)
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_peft_vera_loads_with_peft_outputs(tmp_path, save_projection):
+    pytest.importorskip("lorakit.methods.vera")
+    from peft import VeraConfig
+
+    base = tiny_llama()
+    folder = peft_folder(tmp_path, base, VeraConfig(r=8, target_modules=VERA_TARGETS, projection_prng_key=5,
+                                                    save_projection=save_projection, d_initial=0.2))
+    keys = load_file(str(folder / "adapter_model.safetensors")).keys()
+    assert ("base_model.vera_A" in keys) == save_projection  # False: regenerated from projection_prng_key
+    inputs = {"input_ids": IDS}
+    ours = lorakit.load(copy.deepcopy(base), folder).eval()
+    with torch.no_grad():
+        got, plain = ours(**inputs).logits, base(**inputs).logits
+    expected = peft_logits(base, folder, inputs)
+    assert (expected - plain).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    config = lorakit.model.registry(ours).configs["default"]
+    assert (config.method, config.r, config.seed, config.save_projection) == ("vera", 8, 5, save_projection)
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_lorakit_vera_loads_in_peft_with_our_outputs(tmp_path, save_projection):
+    pytest.importorskip("lorakit.methods.vera")
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    lorakit.attach(model, AdapterConfig(method="vera", r=8, seed=7, targets=VERA_TARGETS,
+                                        save_projection=save_projection))
+    _randomise_ours(model)  # the vectors d and b
+    model.eval()
+    folder = lorakit.save(model, tmp_path / "vera", format="peft")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "VERA" and cfg["projection_prng_key"] == 7 and cfg["save_projection"] == save_projection
+    _peft_matches_ours(base, model, folder)

@@ -97,13 +97,14 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
                     folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Translate a PEFT adapter into one lorakit folder entry (``meta`` for one adapter) and its tensors."""
     peft_type = str(cfg.get("peft_type", "")).upper()
-    if peft_type == "LORA":
+    if peft_type in ("LORA", "ADALORA", "VERA"):  # AdaLoRA's config extends LoRA's; VeRA has bias too
         for option in UNSUPPORTED_LORA_OPTIONS:
             if cfg.get(option):
                 raise PeftFormatError(f"{folder}: PEFT option {option}={cfg[option]!r} is not supported by lorakit")
         if cfg.get("bias", "none") != "none":
             raise PeftFormatError(f"{folder}: bias={cfg['bias']!r} (trained biases) is not supported; only "
                                   f"bias='none' adapters load")
+    if peft_type == "LORA":
         init = cfg.get("init_lora_weights", True)
         if isinstance(init, str) and init.startswith(("pissa", "olora", "corda", "eva")):
             raise PeftFormatError(f"{folder}: init_lora_weights={init!r} adapters need PEFT's modified base "
@@ -482,6 +483,11 @@ def _peft_payload(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str
     config = registry(model).configs[name]
     entries = _layer_entries(model, name)
     method = config.method
+    if method == "delta_lora":
+        raise ValueError(f"adapter {name!r} is Delta-LoRA, which moves the base weights themselves (W += λ·s·Δ(BA) "
+                         f"after every step); PEFT's format holds only adapter tensors for the original base weights, "
+                         f"so it cannot express that. Merge it and export the full model instead (lorakit export / "
+                         f"lorakit.unload(model, merge=True)), or save it in lorakit's format")
     shifted = [p for p, _, a in entries if a.base_shift() is not None and not getattr(a, "init", "") in
                ("pissa", "pissa_fast")]
     if shifted:
@@ -511,15 +517,16 @@ def _peft_payload(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str
         alphas[path] = s * (math.sqrt(r) if (native and config.scaling == "rslora") else r)
         kind = layer.ops.kind
         if kind == "embedding":
-            tensors[f"{PREFIX}{path}.lora_embedding_A"] = a.contiguous()
-            tensors[f"{PREFIX}{path}.lora_embedding_B"] = b.contiguous()
+            tensors[f"{PREFIX}{path}.lora_embedding_A"] = a.contiguous().clone()
+            tensors[f"{PREFIX}{path}.lora_embedding_B"] = b.contiguous().clone()
         else:
             if kind == "conv2d":
                 w = layer.base.weight
                 a = a.reshape(r, *w.shape[1:])
                 b = b.reshape(b.shape[0], r, 1, 1)
-            tensors[f"{PREFIX}{path}.lora_A.weight"] = a.contiguous()
-            tensors[f"{PREFIX}{path}.lora_B.weight"] = b.contiguous()
+            # own copies: LoRA-drop layers share one pair, and safetensors refuses tensors sharing memory
+            tensors[f"{PREFIX}{path}.lora_A.weight"] = a.contiguous().clone()
+            tensors[f"{PREFIX}{path}.lora_B.weight"] = b.contiguous().clone()
         if method == "dora":
             tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = adapter.magnitude.detach().float().reshape(-1).clone()
     default_r = max(set(ranks.values()), key=list(ranks.values()).count)
@@ -533,6 +540,10 @@ def _peft_payload(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str
 
 
 def _vera_payload(model, name, config, entries, tensors, mts):
+    bad = [p for p, layer, _ in entries if layer.ops.kind not in ("linear", "conv1d")]
+    if bad:
+        raise ValueError(f"VeRA adapter {name!r} adapts {bad[:3]}, which are not Linear/Conv1D layers; PEFT's VeRA "
+                         f"adapts only those, so it cannot be written in PEFT's format")
     cfg = _base_config(config, entries, "VERA")
     shared = registry(model).shared.get(name)
     if shared is None:
