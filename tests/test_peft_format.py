@@ -530,3 +530,24 @@ def test_lorakit_vera_loads_in_peft_with_our_outputs(tmp_path, save_projection):
     cfg = json.loads((folder / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "VERA" and cfg["projection_prng_key"] == 7 and cfg["save_projection"] == save_projection
     _peft_matches_ours(base, model, folder)
+
+
+def test_adalora_conv2d_both_ways(tmp_path):
+    pytest.importorskip("lorakit.methods.adalora")
+    net = ConvNet().eval()
+    img, tok = torch.randn(2, 3, 5, 5), torch.randint(0, 20, (2, 4))
+    model = get_peft_model(copy.deepcopy(net), ada_peft_config(target_modules=["conv", "fc"], init_r=3))
+    randomise_adapters(model)
+    model.peft_config["default"].rank_pattern = {"conv.lora_E": [False, True, True], "fc.lora_E": [True] * 3}
+    model.save_pretrained(tmp_path / "peft")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(net), tmp_path / "peft").eval()
+    ours = lorakit.load(copy.deepcopy(net), tmp_path / "peft").eval()
+    with torch.no_grad():
+        expected = theirs(img, tok)
+        assert (expected - net(img, tok)).abs().max() > 1e-3
+        torch.testing.assert_close(ours(img, tok), expected, atol=1e-5, rtol=0)
+    assert adalora_ranks(ours) == {"conv": 2, "fc": 3}
+    folder = lorakit.save(ours, tmp_path / "back", format="peft")
+    again = PeftModel.from_pretrained(copy.deepcopy(net), folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(img, tok), expected, atol=1e-5, rtol=0)
