@@ -131,3 +131,19 @@ def test_model_without_adapters_trains_saves_and_resumes(tmp_path):
     resumed = Trainer(model(), TrainConfig(**base, output_dir=str(tmp_path / "b"), resume=str(tmp_path / "b")),
                       lm_data(16)).train()
     assert resumed.losses == full.losses
+
+
+def test_group_by_length_batches_similar_lengths_and_covers_the_epoch():
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.ones(int(n), dtype=torch.long)} for n in torch.randint(1, 100, (64,), generator=g)]
+    trainer = Trainer(torch.nn.Linear(2, 2), TrainConfig(batch_size=8, group_by_length=True, progress=False), data)
+    gen = trainer._batch_indices(0)
+    batches = [next(gen) for _ in range(8)]  # one epoch
+    assert sorted(i for b in batches for i in b) == list(range(64))
+    spread = [max(len(data[i]["input_ids"]) for i in b) - min(len(data[i]["input_ids"]) for i in b) for b in batches]
+    plain = Trainer(torch.nn.Linear(2, 2), TrainConfig(batch_size=8, progress=False), data)._batch_indices(0)
+    plain_spread = [max(len(data[i]["input_ids"]) for i in b) - min(len(data[i]["input_ids"]) for i in b)
+                    for b in (next(plain) for _ in range(8))]
+    assert sum(spread) < 0.3 * sum(plain_spread)
+    again = Trainer(torch.nn.Linear(2, 2), TrainConfig(batch_size=8, group_by_length=True, progress=False), data)
+    assert [next(again._batch_indices(0))] == batches[:1]  # seeded: same order every time

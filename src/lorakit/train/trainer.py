@@ -61,6 +61,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = False
     distributed: str = "ddp"  # under torchrun: ddp or fsdp
+    group_by_length: bool = False  # batches of similar lengths (less padding); still seeded and resumable
 
     def __post_init__(self) -> None:
         # values from YAML/flags may arrive as strings ("2e-4" is a string in YAML 1.1): coerce by declared type
@@ -160,6 +161,7 @@ class Trainer:
         self.device = _model_device(model)
         self.result = TrainResult(output_dir=config.output_dir)
         self._stop_requested = False
+        self._length_cache: list[int] | None = None
         self._log_files: dict[str, Any] = {}
 
     # -- data order: a seeded permutation per epoch, so a resumed run sees the same batches ----------------------
@@ -169,12 +171,33 @@ class Trainer:
         micro = start_step * cfg.grad_accum
         epoch, pos = divmod(micro, per_epoch)
         while True:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+            gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            order = torch.randperm(n, generator=gen).tolist()
+            if cfg.group_by_length:
+                order = self._grouped(order, gen)
             while pos < per_epoch:
                 idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
                 yield idx[self.info.rank::self.info.world_size]
                 pos += 1
             epoch, pos = epoch + 1, 0
+
+    def _grouped(self, order: list[int], gen: torch.Generator) -> list[int]:
+        """Sort windows of 50 batches by example length, then shuffle the batches (as transformers does)."""
+        bs = self.config.batch_size
+        lengths = self._lengths()
+        window = bs * 50
+        batches = []
+        for i in range(0, len(order), window):
+            chunk = sorted(order[i:i + window], key=lambda k: -lengths[k])
+            batches.extend(chunk[j:j + bs] for j in range(0, len(chunk), bs))
+        full = [b for b in batches if len(b) == bs]  # a short batch only at the very end, as before
+        perm = torch.randperm(len(full), generator=gen).tolist()
+        return [k for i in perm for k in full[i]] + [k for b in batches if len(b) != bs for k in b]
+
+    def _lengths(self) -> list[int]:
+        if self._length_cache is None:
+            self._length_cache = [_example_length(ex) for ex in self.train_data]
+        return self._length_cache
 
     def _to_device(self, batch: Any) -> Any:
         if isinstance(batch, torch.Tensor):
@@ -470,6 +493,16 @@ def _save_trainable(model: nn.Module, path: Path, write_files: bool = True) -> P
     if write_files:
         _atomic_folder(Path(path), lambda folder: save_file(tensors, str(folder / TRAINABLE_FILE)))
     return Path(path)
+
+
+def _example_length(example: Any) -> int:
+    """Length used by group_by_length: tokens if the example holds input_ids, else characters of its text."""
+    if isinstance(example, dict):
+        if "input_ids" in example:
+            return len(example["input_ids"])
+        if isinstance(example.get("text"), str):
+            return len(example["text"])
+    return 0
 
 
 def stack_collate(examples: list[Any]) -> Any:
