@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine. Creates .venv (idempotently), then runs what you ask for:
-#   ./run.sh main   -> the main job on its embedded default
+#   ./run.sh main   -> the main job on its embedded default: lorakit compare (all methods, MiniLM, movie reviews)
 #   ./run.sh test   -> the whole test suite (fast tests, then the slow integration tests)
 #   ./run.sh bench  -> the benchmarks
 #   ./run.sh setup  -> only build the environment
@@ -40,7 +40,7 @@ ensure_chromium() {
 cmd="${1:-main}"; shift || true
 case "$cmd" in
     setup) setup ;;
-    main)  setup; exec "$PY" examples/quickstart.py "$@" ;;
+    main)  setup; exec "$PY" -m lorakit.cli compare "$@" ;;
     quickstart) setup; exec "$PY" examples/quickstart.py "$@" ;;
     test)
         setup
