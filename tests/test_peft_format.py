@@ -551,3 +551,57 @@ def test_adalora_conv2d_both_ways(tmp_path):
     again = PeftModel.from_pretrained(copy.deepcopy(net), folder).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(img, tok), expected, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------ DoRA
+def test_peft_dora_conv2d_and_conv1d_load_with_peft_outputs(tmp_path):
+    pytest.importorskip("lorakit.methods.dora")
+    net = ConvNet().eval()
+    img, tok = torch.randn(2, 3, 5, 5), torch.randint(0, 20, (2, 4))
+    folder = peft_folder(tmp_path, net, LoraConfig(r=2, lora_alpha=4, use_dora=True,
+                                                   target_modules=["conv", "conv2", "fc"]), "conv")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(net), folder).eval()
+    ours = lorakit.load(copy.deepcopy(net), folder).eval()
+    with torch.no_grad():
+        expected = theirs(img, tok)
+        assert (expected - net(img, tok)).abs().max() > 1e-3
+        torch.testing.assert_close(ours(img, tok), expected, atol=1e-5, rtol=0)
+    assert lorakit.model.registry(ours).configs["default"].method == "dora"
+    gpt = tiny_gpt2()
+    folder = peft_folder(tmp_path, gpt, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                                   fan_in_fan_out=True, use_dora=True), "gpt")
+    inputs = {"input_ids": IDS}
+    torch.testing.assert_close(ours_logits(gpt, folder, inputs), peft_logits(gpt, folder, inputs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scaling", ["standard", "rslora"])
+def test_lorakit_dora_loads_in_peft_with_our_outputs(tmp_path, scaling):
+    pytest.importorskip("lorakit.methods.dora")
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    lorakit.attach(model, AdapterConfig(method="dora", r=4, alpha=6, scaling=scaling, seed=0,
+                                        targets=["q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 2}))
+    _randomise_ours(model)  # A, B and the magnitudes
+    model.eval()
+    folder = lorakit.save(model, tmp_path / "dora", format="peft")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["use_dora"] and cfg["use_rslora"] == (scaling == "rslora")
+    _peft_matches_ours(base, model, folder)
+
+
+def test_lorakit_dora_conv_layers_load_in_peft(tmp_path):
+    pytest.importorskip("lorakit.methods.dora")
+    net = ConvNet().eval()
+    img, tok = torch.randn(2, 3, 5, 5), torch.randint(0, 20, (2, 4))
+    model = copy.deepcopy(net)
+    lorakit.attach(model, AdapterConfig(method="dora", r=2, alpha=4, targets=["conv", "conv2", "fc"], seed=0))
+    _randomise_ours(model)
+    model.eval()
+    folder = lorakit.save(model, tmp_path / "dora", format="peft")
+    sd = load_file(str(folder / "adapter_model.safetensors"))
+    assert tuple(sd["base_model.model.conv.lora_magnitude_vector"].shape) == (1, 6, 1, 1)
+    theirs = PeftModel.from_pretrained(copy.deepcopy(net), folder).eval()
+    with torch.no_grad():
+        expected = model(img, tok)
+        assert (expected - net(img, tok)).abs().max() > 1e-3
+        torch.testing.assert_close(theirs(img, tok), expected, atol=1e-5, rtol=0)

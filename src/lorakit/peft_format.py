@@ -10,6 +10,15 @@ every other method whose change is exactly low-rank (LoRA-FA, PiSSA, SoRA, LoRA-
 LoRA with per-layer ranks and alphas; methods whose trained function cannot be expressed that way (Delta-LoRA moves
 the base weights) raise a clear error.
 
+AdaLoRA: PEFT keeps the initial rank ``init_r`` in the scaling ``alpha / (init_r + 1e-5)`` and describes pruned
+layers by ``rank_pattern`` = ``{"<path>.lora_E": [bool] * init_r}`` next to shrunk tensors. lorakit reads that as
+``r = init_r`` plus ``final_ranks`` (what its own ``finish()`` records), and writes pruned or smaller layers the same
+way, folding any per-layer scaling PEFT cannot express into ``λ``.
+
+Several adapters use PEFT's own ``save_pretrained`` layout: ``"default"`` in the folder, every other adapter in a
+subfolder named after it (a single adapter always goes into the folder itself). :func:`lorakit.load` reads both
+layouts, all adapters or one chosen by name, and rolls back on any error.
+
 Example:
     >>> import torch, lorakit, tempfile
     >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8))
@@ -528,7 +537,10 @@ def _peft_payload(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str
             tensors[f"{PREFIX}{path}.lora_A.weight"] = a.contiguous().clone()
             tensors[f"{PREFIX}{path}.lora_B.weight"] = b.contiguous().clone()
         if method == "dora":
-            tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = adapter.magnitude.detach().float().reshape(-1).clone()
+            m = adapter.magnitude.detach().float()
+            # PEFT keeps a conv magnitude as [1, out, 1, 1] (broadcast over the output map), a linear one as [out]
+            m = m.reshape(1, -1, 1, 1) if kind == "conv2d" else m.reshape(-1)
+            tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = m.contiguous().clone()
     default_r = max(set(ranks.values()), key=list(ranks.values()).count)
     default_alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     cfg.update(r=default_r, lora_alpha=default_alpha, use_rslora=bool(native and config.scaling == "rslora"),
