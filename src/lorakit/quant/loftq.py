@@ -1,0 +1,114 @@
+"""LoftQ (Li et al. 2023; methods.md §14) and the QPiSSA loop (§12), honouring the LoRA scaling, on CPU or GPU.
+
+Alternating NF4 quantisation and rank-r SVD, starting from a zero adapter::
+
+    res = W
+    repeat T = loftq_iter times:
+        Q   = NF4(res)                       block 64, no double quantisation (as LoftQ)
+        R   = W − deq(Q)
+        U S Vᵀ = SVD_r(R)
+        A = √(S/s) Vᵀ,  B = U √(S/s)        so that s·B A = U S Vᵀ exactly
+        res = W − s·B A
+
+Scaling choice (methods.md §17): PEFT and the official code set ``A = √S Vᵀ, B = U √S`` and ignore ``s = α/r``, so
+``deq(Q) + s·BA ≠ W`` unless α = r (PEFT issue 1982). lorakit divides the singular values by ``s``, so
+``deq(Q) + s·BA`` is the LoftQ approximation of W for **any** α (and rsLoRA scaling alike).
+
+The QPiSSA loop (``svd_first=True``) is the same alternation started from the SVD of W instead of its
+quantisation: ``res = W``; repeat: ``(A, B) = SVD_r(res)`` (scaled as above), ``Q = NF4(W − s·BA)``,
+``res = W − deq(Q)``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .linear4bit import COMPUTE_DTYPES, Linear4bit
+from .nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import AdapterConfig
+    from ..layers import AdaptedLayer
+    from ..methods.lora import LoraAdapter
+
+
+def _scaled_svd(m: torch.Tensor, r: int, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    u, sv, vh = torch.linalg.svd(m, full_matrices=False)
+    root = (sv[:r] / s).sqrt()
+    return root[:, None] * vh[:r], u[:, :r] * root[None, :]
+
+
+def loftq_decompose(weight: torch.Tensor, r: int, scaling: float = 1.0, iters: int = 1, blocksize: int = 64,
+                    double_quant: bool = False, svd_first: bool = False
+                    ) -> tuple[NF4Tensor, torch.Tensor, torch.Tensor]:
+    """LoftQ (or, with ``svd_first=True``, QPiSSA) decomposition of a ``[out, in]`` weight.
+
+    Returns ``(Q, A, B)`` with ``Q`` the NF4 backbone, ``A`` ``[r, in]`` and ``B`` ``[out, r]`` (fp32) such that
+    ``deq(Q) + scaling·B A ≈ W``; computed in fp32 on the weight's device.
+
+    Example:
+        >>> w = torch.randn(32, 64)
+        >>> q, a, b = loftq_decompose(w, r=4, scaling=0.5, iters=2)
+        >>> err = (w - dequantize_nf4(q) - 0.5 * b @ a).norm()
+        >>> bool(err < (w - dequantize_nf4(quantize_nf4(w))).norm())
+        True
+    """
+    if not isinstance(r, int) or r < 1 or r > min(weight.shape):
+        raise ValueError(f"loftq_decompose: r={r!r} must be an integer in [1, min(out, in)={min(weight.shape)}]")
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"loftq_decompose: iters={iters!r} must be an integer >= 1 (AdapterConfig.loftq_iter)")
+    if not scaling > 0:
+        raise ValueError(f"loftq_decompose: scaling={scaling!r} must be positive")
+    w = weight.detach().float()
+    res = w
+    q = a = b = None
+    for _ in range(iters):
+        if svd_first:
+            a, b = _scaled_svd(res, r, scaling)
+            q = quantize_nf4(w - scaling * (b @ a), blocksize, double_quant)
+            res = w - dequantize_nf4(q)
+        else:
+            q = quantize_nf4(res, blocksize, double_quant)
+            a, b = _scaled_svd(w - dequantize_nf4(q), r, scaling)
+            res = w - scaling * (b @ a)
+    return q, a, b
+
+
+def loftq_attach(adapter: "LoraAdapter", layer: "AdaptedLayer", config: "AdapterConfig") -> Linear4bit:
+    """``init="loftq"`` for a LoRA-shaped adapter: sets its ``A``, ``B`` and returns the new 4-bit base holding Q.
+
+    Called by ``LoraAdapter.init_weights`` while :func:`lorakit.attach` builds its plan (the model is untouched
+    until the plan commits). The base must be a full-precision ``nn.Linear``: LoftQ needs W itself, which a 4-bit
+    base no longer has. The new base is an NF4 :class:`Linear4bit` with block 64 and no double quantisation (as
+    LoftQ), computing in the original weight dtype (fp32 stays fp32; bf16/fp16 stay so); ``config.loftq_iter``
+    alternations.
+
+    Example:
+        >>> import torch, lorakit
+        >>> net = torch.nn.Sequential(torch.nn.Linear(64, 32))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=4, alpha=8, init="loftq", loftq_iter=2))
+        >>> type(net[0].base).__name__
+        'Linear4bit'
+    """
+    ops = layer.ops
+    if ops.quantized:
+        raise ValueError(f"init='loftq' needs the full-precision weight, but {adapter.path} is already 4-bit; "
+                         "attach LoftQ to the unquantised model (it quantises the layer itself), or use "
+                         "init='pissa' (QPiSSA) on a 4-bit base")
+    if ops.kind != "linear":
+        raise ValueError(f"init='loftq' needs an nn.Linear; {adapter.path} is {ops.kind}")
+    weight = ops.weight_matrix()
+    q, a, b = loftq_decompose(weight, adapter.r, adapter.scaling, config.loftq_iter)
+    bias = ops.bias()
+    compute = weight.dtype if weight.dtype in COMPUTE_DTYPES else torch.float32
+    base = Linear4bit(ops.in_features, ops.out_features, bias is not None, compute, q.blocksize, q.double_quant,
+                      bias.dtype if bias is not None else torch.float32, device=weight.device,
+                      weight_dtype=weight.dtype)
+    base.load_nf4(q)
+    if bias is not None:
+        with torch.no_grad():
+            base.bias.copy_(bias.detach())
+    base.train(layer.base.training)
+    adapter._set(a, b)
+    return base
