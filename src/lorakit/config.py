@@ -50,7 +50,7 @@ class AdapterConfig:
     dora_detach_norm: bool = True  # paper §4.3: treat ||W + sBA|| as a constant in backward
     # VeRA
     d_initial: float = 0.1
-    save_projection: bool = True
+    save_projection: bool = True  # save VeRA's shared pair / LoRA-FA's frozen A (False: regenerate from seeds)
     # AdaLoRA
     target_r: int | None = None
     total_steps: int | None = None
