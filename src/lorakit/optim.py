@@ -28,7 +28,8 @@ defaults to ``lr`` (PEFT's default is 1e-6, which all but freezes them). ``vecto
 reproduces PEFT's groups exactly (learning rates and weight decay).
 
 Weight decay: ``weight_decay`` for every tensor except biases and normalisation-layer weights, which get 0 (the
-transformers Trainer's convention; PEFT's LoRA+ does the same for its 1-D group). An adapter's
+transformers Trainer's convention; PEFT's LoRA+ does the same for its 1-D group, but recognises only
+``nn.LayerNorm``, so a trainable RMSNorm weight decays there and not here). An adapter's
 ``optimizer_options(param_name, config)`` overrides win over all of the above (SoRA's gates: ``weight_decay=0`` and
 their own ``lr``); parameters with equal settings share a group. Every group carries a ``"name"`` (its role, plus
 ``/no_decay`` or the overrides) for logging.

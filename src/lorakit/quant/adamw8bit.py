@@ -228,6 +228,9 @@ class AdamW8bit(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.is_complex():
                     raise ValueError("AdamW8bit: complex parameters are not supported; use torch.optim.AdamW")
+                if hasattr(p, "device_mesh"):  # its block layout would follow the shards, not the full tensor
+                    raise ValueError("AdamW8bit: FSDP-sharded (DTensor) parameters are not supported; use "
+                                     "optimizer 'adamw' with FSDP, or DDP with 'adamw8bit'")
 
     # -- state ------------------------------------------------------------------------------------------------
     @staticmethod
