@@ -596,3 +596,32 @@ def test_tiny_llama_trains_with_dora():
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.adapters["default"].magnitude, m0)
+
+
+@pytest.mark.parametrize("bias,tokens", [(True, 4), (False, 4), (True, 9)])  # 2·9 tokens > 12 inputs: other branch
+def test_fused_linear_path_equals_the_generic_path_in_values_and_gradients(bias, tokens):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 10, bias=bias))
+    lorakit.attach(net, AdapterConfig(method="dora", r=3, alpha=6, targets=["0"]))
+    randomise(net)
+    layer, ad = net[0], net[0].adapters["default"]
+    net.train()
+    x = torch.randn(2, tokens, 12, requires_grad=True)
+    target = torch.randn(2, tokens, 10)
+    results = []
+    for run in ("fused", "generic"):
+        for p in list(ad.parameters()) + [x]:
+            p.grad = None
+        out = ad.fused_forward(layer, x) if run == "fused" else ad.apply(layer, x, layer.base(x))
+        assert out is not None
+        ((out - target) ** 2).sum().backward()
+        results.append((out.detach(), x.grad.clone(), *(p.grad.clone() for p in (ad.magnitude, ad.A, ad.B))))
+    ref = F.linear(x, dense_dora(layer.base.weight, ad.A, ad.B, ad.scaling, ad.magnitude), layer.base.bias)
+    assert torch.allclose(results[0][0], ref, atol=ATOL)
+    for f, g in zip(*results):
+        assert torch.allclose(f, g, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(ad.fused_forward(layer, x), ref, atol=ATOL)
+    # not applicable: dropout in training, or a norm that keeps its gradient
+    ad.detach_norm = False
+    assert ad.fused_forward(layer, x) is None

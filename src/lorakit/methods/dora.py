@@ -52,7 +52,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..layers import UnsupportedLayer, ops_for
 from .base import Adapter
@@ -68,6 +70,57 @@ _CHUNK_ELEMENTS = 1 << 22
 _GRAM_SAFE = 0.25
 #: |c| below this makes W/c lossy at unmerge: such rows are saved verbatim at merge
 _SMALL_C = 1e-3
+
+
+_GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
+
+
+class _FusedDoraLinear(torch.autograd.Function):
+    """``c ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias`` for a frozen ``nn.Linear`` as one autograd node, ``c = m / n``, n constant.
+
+    Why: the generic path adds the branch into a copy of the base output, keeps two graph nodes for the rescale and
+    sums two input gradients. Here the branch goes into the bias-free base output in place, the rescale is one
+    pass, and the input gradient is ``(g⊙c) W + s·((g⊙c) B) A`` with an in-place rank-r update. Saved for backward:
+    x (if A trains), the r-wide ``x Aᵀ`` (if B trains) and the pre-scale output t (if m trains) — as the generic
+    path.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, m, n, scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        t = F.linear(x2, weight)
+        z = x2.mm(a.t())
+        t.addmm_(z, b.t(), alpha=scale)
+        c = m / n
+        y = torch.mul(t, c) if bias is None else torch.addcmul(bias, t, c)
+        need_x, _, _, need_a, need_b, need_m, _, _ = ctx.needs_input_grad
+        ctx.save_for_backward(x2 if need_a else None, weight if need_x else None, a if need_x else None,
+                              b if (need_x or need_a) else None, z if need_b else None, t if need_m else None,
+                              c, n)
+        ctx.scale, ctx.in_shape = scale, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x2, weight, a, b, z, t, c, n = ctx.saved_tensors
+        need_x, _, _, need_a, need_b, need_m, _, _ = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = ga = gb = gm = None
+        if need_m:
+            gm = (g2 * t).sum(0).div_(n)
+        # c is folded into the small factors (B, the r-wide products) instead of the N×out gradient where possible
+        if need_x or need_a:
+            gz = g2.mm(b * (c * ctx.scale)[:, None])  # [N, r]: s·(g⊙c) B, shared by the input and A gradients
+            if need_x:
+                # (g⊙c) W: scale whichever of g [N, out] and W [out, in] is smaller
+                gw = g2.mm(weight * c[:, None]) if g2.shape[0] > weight.shape[1] else (g2 * c).mm(weight)
+                gx = gw.addmm_(gz, a).view(ctx.in_shape)
+            if need_a:
+                ga = gz.t().mm(x2)
+        if need_b:  # (zᵀ g)ᵀ ⊙ c: MKL runs this layout faster than gᵀ z; the copy to B's layout is r·out floats
+            gb = z.t().mm(g2).mul_(c * ctx.scale).t().contiguous()
+        return gx, None, None, ga, gb, gm, None, None
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -241,6 +294,37 @@ class DoraAdapter(LoraAdapter):
             return out
         # base recomputed (dropout, or other adapters already in y): y' = y + (t − base) + (c−1)·t
         return torch.addcmul(y + (t - base), t, d_y)
+
+    def fused_forward(self, layer: "AdaptedLayer", x: torch.Tensor) -> torch.Tensor | None:
+        """The whole layer output in one fused op when this is the layer's only live adapter, or None.
+
+        Applies to a plain frozen ``nn.Linear`` without hooks, same-dtype input/factors/magnitude, no autocast, no
+        active dropout and a constant norm (detached, or no gradient wanted); otherwise :meth:`apply` runs.
+        """
+        base = layer.base
+        if (type(self).apply is not DoraAdapter.apply or type(base) is not nn.Linear
+                or base._forward_hooks or base._forward_pre_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]
+                or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
+            return None
+        a, b, m = self.A, self.B, self.magnitude
+        if not (x.dtype == a.dtype == b.dtype == m.dtype == base.weight.dtype) \
+                or torch.is_autocast_enabled(x.device.type):
+            return None
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            return None
+        grad = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or m.requires_grad)
+        if grad and not self.detach_norm and (a.requires_grad or b.requires_grad):
+            return None
+        n = self.weight_norm(layer)
+        if grad:
+            return _FusedDoraLinear.apply(x, base.weight, base.bias, a, b, m, n, self.scaling)
+        # inference: no graph, so everything happens in the base output's buffer
+        x2 = x.reshape(-1, x.shape[-1])
+        y = F.linear(x2, base.weight)
+        y.addmm_(x2.mm(a.t()), b.t(), alpha=self.scaling).mul_(m / n)
+        if base.bias is not None:
+            y.add_(base.bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     # -- dense change, merge ------------------------------------------------------------------------------------
     def _check_unmerged(self, layer: "AdaptedLayer", what: str) -> None:
