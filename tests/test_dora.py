@@ -477,13 +477,29 @@ def test_bad_option_and_embedding_are_refused_before_any_change(llama, token_bat
         AdapterConfig(method="dora", init="nope")
 
 
-def test_dora_has_no_exact_lora_form():
+def test_dora_has_no_exact_lora_form_mixed_combine_uses_dense_svd():
     net = mlp()
     lorakit.attach(net, AdapterConfig(method="dora", r=2, targets=["0"]), name="d")
     lorakit.attach(net, AdapterConfig(r=2, targets=["0"]), name="l")
+    randomise(net, "d", seed=1)
+    randomise(net, "l", seed=2)
     with pytest.raises(ValueError, match="no exact low-rank"):
         lorakit.combine(net, {"d": 1.0, "l": 1.0}, name="m", how="cat")
     assert lorakit.adapter_names(net) == ["d", "l"]
+    layer = net[0]
+    full = layer.adapters["d"].delta_weight(layer) + layer.adapters["l"].delta_weight(layer)
+    lorakit.combine(net, {"d": 1.0, "l": 1.0}, name="m", how="svd", rank=10)  # full rank: exact
+    assert torch.allclose(layer.adapters["m"].delta_weight(layer), full, atol=1e-4)
+
+
+def test_merged_dora_refuses_dense_change_and_combine():
+    net = _two_doras()
+    lorakit.merge(net, "a")
+    with pytest.raises(ValueError, match="merged"):
+        net[0].adapters["a"].delta_weight(net[0])
+    with pytest.raises(ValueError, match="unmerge"):
+        lorakit.combine(net, {"a": 1.0, "b": 1.0}, name="mix")
+    assert lorakit.adapter_names(net) == ["a", "b"]
 
 
 # ------------------------------------------------------------------------------------------------ PEFT parity

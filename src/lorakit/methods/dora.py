@@ -19,7 +19,10 @@ training the base term is recomputed on ``x̃`` as PEFT does (``(c − 1) ⊙ x�
 lose digits) are recomputed directly. Computed in fp32 for low-precision bases.
 
 * ``dora_detach_norm=True`` (default, paper §4.3, like PEFT): ``n`` is a constant in backward, computed without
-  autograd. ``False`` keeps its gradient.
+  autograd. ``False`` keeps its gradient (autograd then also keeps ``W`` for it: an fp32 copy on a low-precision
+  base).
+* A plain ``nn.Linear`` whose only live adapter is this one runs :meth:`DoraAdapter.fused_forward`: one autograd
+  node for the whole layer in training, everything in the output buffer in inference.
 * Eval / ``torch.no_grad``: ``n`` is computed once and reused until A, B or the base weight change (keyed on their
   version counters and storage) or the base is replaced/merged (``on_base_changed``); entering train mode drops it.
 * Merge: ``W ← c ⊙ (W + s·B A)``, exact; ``c`` is cached so unmerge is ``W/c − s·B A`` (rows with ``|c| < 1e-3``
@@ -33,7 +36,8 @@ lose digits) are recomputed directly. Computed in fp32 for low-precision bases.
   ``how="cat"`` gives a DoRA of rank ``Σ r_i`` with ``A = [A_i]``, ``B = [(w_i c_i s_i / g) ⊙ B_i]``, ``s = 1`` and
   ``m = g ⊙ ‖V‖_row`` (the row norms of the mixed weight); ``how="svd"`` truncates that direction update to
   ``rank`` and keeps the same exact magnitudes. ``how="linear"`` (PEFT's factor averaging) is refused: it has no
-  meaning for magnitudes. Plain LoRA sources count with ``c_i = 1``.
+  meaning for magnitudes. (``lorakit.combine`` uses this rule when every source is DoRA; a mix of DoRA and other
+  methods goes through the generic rule, where only ``how="svd"`` of the dense changes applies.)
 * ``nn.Embedding`` is refused (PEFT normalises embeddings per token, not per output row; exclude them).
 
 Example:
