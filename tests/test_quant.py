@@ -268,7 +268,7 @@ def lm_loss(model, batch):
 
 def train_steps(model, batch, steps=8, lr=1e-2):
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # no decay: SoRA gates must not decay
     hooks = lorakit.training_hooks(model)
     losses = []
     for _ in range(steps):
@@ -277,7 +277,7 @@ def train_steps(model, batch, steps=8, lr=1e-2):
         opt.step()
         hooks.after_step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 

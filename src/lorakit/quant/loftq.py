@@ -33,10 +33,46 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..methods.lora import LoraAdapter
 
 
+def top_svd(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-``r`` singular triplets ``(U_r, S_r, V_rᵀ)`` of ``m`` (fp32 results).
+
+    Computed from the eigen-decomposition of the smaller Gram matrix in fp64: the top of the spectrum to ~1e-12
+    relative accuracy and 5-10x faster on CPU than a full ``torch.linalg.svd`` (which LoftQ would call
+    ``loftq_iter`` times per layer). Directions with a zero singular value come back as zero vectors.
+    """
+    m64 = m.double()
+    wide = m64.shape[0] <= m64.shape[1]
+    gram = m64 @ m64.t() if wide else m64.t() @ m64
+    evals, evecs = _eigh(gram)
+    evals, evecs = evals.flip(0)[:r], evecs.flip(1)[:, :r]
+    sv = evals.clamp(min=0).sqrt()
+    keep = sv > sv[:1].clamp(min=1e-300) * 1e-12
+    inv = torch.where(keep, 1.0 / torch.where(keep, sv, torch.ones_like(sv)), torch.zeros_like(sv))
+    if wide:
+        u, vh = evecs, (evecs.t() @ m64) * inv[:, None]
+    else:
+        u, vh = (m64 @ evecs) * inv[None, :], evecs.t()
+    sv = torch.where(keep, sv, torch.zeros_like(sv))
+    return u.float(), sv.float(), vh.float()
+
+
+def _eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Small CPU eigen-problems run on one thread: LAPACK's OpenMP threads gain nothing at this size and spin-wait
+    # badly on a busy machine (measured 0.03 s on 1 thread vs 3 s on 2 for a 384x384 matrix under load).
+    if gram.device.type != "cpu" or gram.shape[0] > 1024:
+        return torch.linalg.eigh(gram)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigh(gram)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _scaled_svd(m: torch.Tensor, r: int, s: float) -> tuple[torch.Tensor, torch.Tensor]:
-    u, sv, vh = torch.linalg.svd(m, full_matrices=False)
-    root = (sv[:r] / s).sqrt()
-    return root[:, None] * vh[:r], u[:, :r] * root[None, :]
+    u, sv, vh = top_svd(m, r)
+    root = (sv / s).sqrt()
+    return root[:, None] * vh, u * root[None, :]
 
 
 def loftq_decompose(weight: torch.Tensor, r: int, scaling: float = 1.0, iters: int = 1, blocksize: int = 64,
