@@ -283,6 +283,8 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
         self._route: "RouteState | None" = None
         self._live: list["Adapter"] = []
+        # (the single live adapter,) if it offers a fused base+branch forward; a tuple so it is not a submodule
+        self._fast: tuple = ()
 
     # -- attribute pass-through so code reading e.g. `layer.weight.dtype` keeps working -------------------------
     def __getattr__(self, name: str):
@@ -299,6 +301,8 @@ class AdaptedLayer(nn.Module):
             self._live = []
         else:
             self._live = [self.adapters[n] for n in self.active if n in self.adapters and n not in self.merged]
+        live = self._live
+        self._fast = (live[0],) if len(live) == 1 and hasattr(live[0], "fused_forward") else ()
 
     def add(self, name: str, adapter: "Adapter") -> None:
         adapter.train(self.base.training)  # a new module defaults to train mode; follow the model's mode
@@ -369,6 +373,11 @@ class AdaptedLayer(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        fast = self._fast
+        if fast and self._route is None and not args and not kwargs and not self._shift_adapters_off():
+            y = fast[0].fused_forward(self, x)  # None when the adapter's fused path does not apply right now
+            if y is not None:
+                return y
         y = self.base(x, *args, **kwargs)
         if self._route is not None and not self.disabled:
             return self._routed_forward(x, y)

@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .base import Adapter, kaiming_uniform
 
@@ -20,6 +22,47 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..layers import AdaptedLayer, LayerOps
 
 PISSA_INITS = ("pissa", "pissa_fast")
+# module-wide forward hooks (nn.modules.module.register_module_forward_hook): the fused path must not skip them
+_GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
+
+
+class _FusedLoraLinear(torch.autograd.Function):
+    """``x Wᵀ + bias + s·(x Aᵀ) Bᵀ`` for a frozen ``nn.Linear`` as one autograd node.
+
+    Why: the generic path costs an output-sized copy (addmm into the base output), an input-sized add of the two
+    input gradients and several small graph nodes per layer. Here the branch is added into the base output in
+    place, and the input gradient ``g W + s·(g B) A`` is one GEMM plus an in-place rank-r update. Saved for
+    backward: x only if A trains, the r-wide ``x Aᵀ`` only if B trains (as the generic path).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        y = F.linear(x2, weight, bias)
+        z = x2.mm(a.t())
+        y.addmm_(z, b.t(), alpha=scale)
+        need_x, _, _, need_a, need_b, _ = ctx.needs_input_grad
+        ctx.save_for_backward(x2 if need_a else None, weight if need_x else None, a if need_x else None,
+                              b if (need_x or need_a) else None, z if need_b else None)
+        ctx.scale, ctx.in_shape = scale, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x2, weight, a, b, z = ctx.saved_tensors
+        need_x, _, _, need_a, need_b, _ = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = ga = gb = None
+        if need_x or need_a:
+            gz = g2.mm(b).mul_(ctx.scale)  # [N, r]: s·g B, shared by the input and A gradients
+            if need_x:
+                gx = g2.mm(weight).addmm_(gz, a).view(ctx.in_shape)
+            if need_a:
+                ga = gz.t().mm(x2)
+        if need_b:  # (zᵀ g)ᵀ: MKL runs this layout faster than gᵀ z; the copy to B's layout is r·out floats
+            gb = z.t().mm(g2).mul_(ctx.scale).t().contiguous()
+        return gx, None, None, ga, gb, None
 
 
 class LoraAdapter(Adapter):
@@ -117,6 +160,29 @@ class LoraAdapter(Adapter):
         if z.dtype == y.dtype:
             return layer.ops.up_add(y, z, self.B, self.scaling)
         return y + (layer.ops.up(z, self.B) * self.scaling).to(y.dtype)
+
+    def fused_forward(self, layer: "AdaptedLayer", x: torch.Tensor) -> torch.Tensor | None:
+        """The base layer's output plus this adapter's, in one fused op, or None where that does not apply.
+
+        Applies to a plain frozen ``nn.Linear`` without hooks, same-dtype input and factors, no autocast, no
+        active dropout, and a class that keeps LoRA's :meth:`apply` (subclasses changing the math opt out).
+        """
+        base = layer.base
+        if (type(self).apply is not LoraAdapter.apply or type(base) is not nn.Linear
+                or base._forward_hooks or base._forward_pre_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]
+                or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
+            return None
+        a, b = self.A, self.B
+        if not (x.dtype == a.dtype == b.dtype == base.weight.dtype) or torch.is_autocast_enabled(x.device.type):
+            return None
+        if self.dropout.training and not isinstance(self.dropout, nn.Identity):
+            return None
+        if not torch.is_grad_enabled() or not (x.requires_grad or a.requires_grad or b.requires_grad):
+            # inference: no graph, so add the branch straight into the base output
+            y = F.linear(x, base.weight, base.bias)
+            y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]).mm(a.t()), b.t(), alpha=self.scaling)
+            return y
+        return _FusedLoraLinear.apply(x, base.weight, base.bias, a, b, self.scaling)
 
     def delta_weight(self, layer: "AdaptedLayer | None" = None) -> torch.Tensor:
         acc = torch.promote_types(self.A.dtype, torch.float32)
