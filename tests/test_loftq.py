@@ -163,6 +163,26 @@ def test_pissa_then_quantize_is_qpissa(token_batch):
     assert (w - layer.base.dequantize(torch.float32) - 2.0 * ad.B @ ad.A).norm() < qlora_error(w)
 
 
+@pytest.mark.parametrize("order", ["pissa_then_quantize", "quantize_then_pissa"])
+def test_qpissa_save_load_keeps_the_exact_residual(order, tmp_path, token_batch):
+    # lorakit.load re-derives a PiSSA residual from the base it is given; load_quantized must end with the saved
+    # 4-bit residual codes, not a requantised copy
+    model = tiny_llama()
+    if order == "quantize_then_pissa":
+        quantize(model, compute_dtype=torch.float32)
+    lorakit.attach(model, lorakit.AdapterConfig(r=4, init="pissa", targets=["q_proj", "up_proj"]))
+    if order == "pissa_then_quantize":
+        quantize(model, compute_dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(token_batch).logits
+    save_quantized(model, tmp_path / "qp")
+    fresh = load_quantized(tiny_llama(seed=4), tmp_path / "qp")
+    assert torch.equal(fresh.model.layers[0].mlp.up_proj.base.weight_packed,
+                       model.model.layers[0].mlp.up_proj.base.weight_packed)
+    with torch.no_grad():
+        assert torch.equal(fresh(token_batch).logits, ref)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # real pretrained weights (all-MiniLM-L6-v2)
 # ---------------------------------------------------------------------------------------------------------------

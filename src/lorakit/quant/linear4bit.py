@@ -490,11 +490,12 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, trainable: bool = 
         for key, t in tensors.items():
             owner, name, _ = expected[key]
             have = getattr(owner, name)
-            device = have.device
+            # copies: ``tensors`` must stay pristine for _restore_quantized_bases below
+            value = t.to(have.device, copy=True)
             if isinstance(have, nn.Parameter):
-                have.data = t.to(device)
+                have.data = value
             else:
-                setattr(owner, name, t.to(device))
+                setattr(owner, name, value)
     adapters = folder / ADAPTER_SUBFOLDER
     if adapters.is_dir():
         load_adapters(model, adapters, trainable=trainable)
