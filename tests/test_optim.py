@@ -95,10 +95,6 @@ def test_embedding_lr_and_plain_ratio_one():
 
 @pytest.mark.parametrize("method, vectors", [("dora", ["magnitude"]), ("vera", ["lambda_d", "lambda_b"])])
 def test_dora_magnitude_and_vera_vectors(method, vectors):
-    try:
-        lorakit.methods.get_method(method)
-    except (ImportError, AttributeError):
-        pytest.skip(f"{method} is not available in this checkout")
     model = tiny_llama(hidden=32, layers=1)
     lorakit.attach(model, AdapterConfig(method=method, r=4, targets=["q_proj", "v_proj"]))
     base = parameter_lrs(model, loraplus_param_groups(model, lr=LR, ratio=RATIO))
@@ -211,10 +207,6 @@ def test_vector_rate_high_equals_peft_create_loraplus_optimizer(method):
     peft = pytest.importorskip("peft")
     from peft.optimizers import create_loraplus_optimizer
 
-    try:
-        lorakit.methods.get_method(method)
-    except (ImportError, AttributeError):
-        pytest.skip(f"{method} is not available in this checkout")
     base, ours_cfg, peft_cfg = _peft_case(method)
     pm = peft.get_peft_model(copy.deepcopy(base), peft_cfg)
     ours = copy.deepcopy(base)

@@ -367,21 +367,9 @@ METHOD_CONFIGS = {
 }
 
 
-def method_available(method: str) -> bool:
-    from lorakit.methods import get_method
-
-    try:
-        get_method(method)
-        return True
-    except (ImportError, KeyError, ValueError):
-        return False
-
-
 @pytest.mark.parametrize("key", list(METHOD_CONFIGS))
 def test_method_on_4bit_base_trains_and_merges(key, token_batch):
     cfg = dict(METHOD_CONFIGS[key])
-    if not method_available(cfg.get("method", "lora")):
-        pytest.skip(f"method {cfg.get('method')!r} is not implemented in this build yet")
     model = quantize(tiny_llama(), compute_dtype=torch.float32)
     lorakit.attach(model, lorakit.AdapterConfig(seed=0, **cfg))
     layer = model.model.layers[0].self_attn.q_proj
@@ -398,8 +386,6 @@ def test_method_on_4bit_base_trains_and_merges(key, token_batch):
 
 
 def test_delta_lora_on_4bit_base_is_refused():
-    if not method_available("delta_lora"):
-        pytest.skip("delta_lora is not implemented in this build")
     model = quantize(tiny_llama(), compute_dtype=torch.float32)
     with pytest.raises(ValueError, match=r"delta_lora.*4-bit|4-bit.*delta_lora"):
         lorakit.attach(model, lorakit.AdapterConfig(method="delta_lora", r=4))
