@@ -99,14 +99,15 @@ def test_example_end_to_end_on_tiny_llama(example, tiny_chat_folder, tmp_path, c
 def test_chat_example_on_smollm2(tmp_path):
     """The real run, shortened: SmolLM2-135M-Instruct + chatterbot (downloads 93 MB once into the cache)."""
     out = tmp_path / "chat"
-    proc = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "12", "--out", str(out), "--no-progress"],
+    proc = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "16", "--out", str(out), "--no-progress"],
                           capture_output=True, text=True, timeout=1500, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "dora"
-    assert summary["heldout_loss_after"] < summary["heldout_loss_before"]
-    losses = summary["train_losses"]
-    assert len(losses) == 12 and sum(losses[-4:]) < sum(losses[:4])
+    # held-out questions, assistant tokens only (36 steps: 2.63 -> 1.97); the per-batch training loss is too
+    # noisy over 16 batches of 8 mixed conversations to assert a trend on
+    assert summary["heldout_loss_after"] < 0.95 * summary["heldout_loss_before"]
+    assert len(summary["train_losses"]) == 16
     for q, before, after in zip(summary["questions"], summary["before"], summary["after"]):
         assert f"Q: {q}" in proc.stdout and f"before: {before}" in proc.stdout and f"after:  {after}" in proc.stdout
         assert after.strip()
