@@ -198,7 +198,7 @@ def build_lk_sora(base, size):
     m = lk(base, "sora")
     gates = [p for n, p in m.named_parameters() if p.requires_grad and n.endswith("gate")]
     rest = [p for n, p in m.named_parameters() if p.requires_grad and not n.endswith("gate")]
-    opt = torch.optim.AdamW([{"params": rest}, {"params": gates, "weight_decay": 0.0}], lr=1e-4, fused=True)
+    opt = torch.optim.AdamW([{"params": rest}, {"params": gates, "weight_decay": 0.0}], lr=1e-4)
     return with_hooks("lorakit SoRA", m, opt)
 
 

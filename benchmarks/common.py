@@ -151,11 +151,11 @@ class Contender:
 
 
 def adamw(model: nn.Module, lr: float = 1e-4) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters (torch's fused CPU/GPU kernel, the same for every contender: the
-    for-loop default spends ~10 ms per step on 56 small tensors, which would only blur the comparison); None when
-    nothing trains."""
+    """AdamW with torch's defaults (the per-tensor loop on CPU) over the trainable parameters, the same for every
+    contender; None when nothing trains. (``fused=True`` is faster on an idle machine but opens one parallel region
+    per tensor, which costs milliseconds each when other processes hold the cores.)"""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, fused=True) if params else None
+    return torch.optim.AdamW(params, lr=lr) if params else None
 
 
 def trainable_count(model: nn.Module) -> int:
@@ -391,6 +391,11 @@ class Table:
         return "\n".join(lines)
 
 
+def _interpreter() -> str:
+    exe = Path(sys.executable)
+    return str(exe.relative_to(HERE.parent)) if exe.is_relative_to(HERE.parent) else exe.name
+
+
 def metadata(argv: Sequence[str] | None = None, threads: int | None = None) -> dict[str, Any]:
     """What a reader needs to reproduce a result: command, versions, threads, date, machine load."""
     import importlib.metadata as md
@@ -402,12 +407,14 @@ def metadata(argv: Sequence[str] | None = None, threads: int | None = None) -> d
             return None
 
     argv = list(sys.argv if argv is None else argv)
+    if argv and Path(argv[0]).is_absolute() and Path(argv[0]).resolve().is_relative_to(HERE.parent):
+        argv[0] = str(Path(argv[0]).resolve().relative_to(HERE.parent))  # repo-relative, as typed at the root
     try:
         load = os.getloadavg()
     except OSError:
         load = None
     return {
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *argv]),
+        "command": " ".join(shlex.quote(a) for a in [_interpreter(), *argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "transformers": version("transformers"),

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[run_all] {name}: exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
         if rc != 0:
             failures.append(name)
+    for name in ("lora", "methods"):  # the latest result of each benchmark, including ones not rerun now
         md = Path(out_dir) / f"{name}{suffix}.md"
         if md.exists():
             parts.append(md.read_text())

@@ -138,3 +138,32 @@ def test_compare_writes_a_report_with_the_measured_numbers(tmp_path, tiny_classi
     assert head["trainable_params"] < lora["trainable_params"] < full["trainable_params"]
     for f in ("report.html", "loss_curves.png", "accuracy_vs_params.png"):
         assert (out / f).stat().st_size > 0
+
+
+def test_compare_side_by_side_gives_the_same_numbers_as_one_at_a_time(tmp_path, tiny_classifier_folder, capsys):
+    model_dir, data = tiny_classifier_folder
+    results = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"report{jobs}"
+        code, _, err = run(["compare", "--model", str(model_dir), "--data", str(data), "--methods", "lora,dora",
+                            "--steps", "3", "--batch-size", "8", "--eval-size", "12", "--jobs", str(jobs),
+                            "--threads", "1", "--out", str(out)], capsys)
+        assert code == 0, err
+        results[jobs] = json.loads((out / "results.json").read_text())
+        assert results[jobs]["config"]["jobs"] == jobs
+    for one, two in zip(results[1]["rows"], results[2]["rows"], strict=True):
+        assert one["name"] == two["name"]
+        assert one["losses"] == two["losses"] and one["accuracy"] == two["accuracy"]
+
+
+def test_compare_config_divides_the_cores_among_the_workers(monkeypatch):
+    from lorakit import compare as compare_mod
+
+    for cores, methods, want in [(1, 5, (1, 1)), (2, 5, (2, 1)), (2, 1, (1, 2)), (8, 5, (4, 2)), (16, 3, (3, 5))]:
+        monkeypatch.setattr(compare_mod, "_cores", lambda c=cores: c)
+        cfg = compare_mod.CompareConfig(methods=list(compare_mod.CONTENDERS)[:methods])
+        assert (cfg.jobs, cfg.threads) == want, (cores, methods)
+    cfg = compare_mod.CompareConfig(methods=["lora"], jobs=3, threads=2)
+    assert (cfg.jobs, cfg.threads) == (1, 2)  # never more workers than contenders
+    with pytest.raises(ValueError, match="jobs and threads"):
+        compare_mod.CompareConfig(jobs=-1)

@@ -47,7 +47,9 @@ def compare(
     train_size: Optional[int] = typer.Option(None, help="limit the training rows"),
     max_length: int = typer.Option(None, help="max tokens per example (default: 40)"),
     seed: int = typer.Option(0),
-    threads: int = typer.Option(2, help="torch threads per worker"),
+    jobs: int = typer.Option(0, help="contenders trained side by side, each in its own process (0 = auto: 2 on "
+                                     "2 cores)"),
+    threads: int = typer.Option(0, help="torch threads per worker (0 = auto: the cores divided among the jobs)"),
     list_methods: bool = typer.Option(False, "--list", help="list the contenders and exit"),
 ) -> None:
     """Train every chosen method under one step budget and write report/ (Markdown, PNG plots, HTML).
@@ -62,15 +64,17 @@ def compare(
     from .compare import compare as run_compare
 
     if list_methods:
-        for name, spec in CONTENDERS.items():
+        from .compare import describe_contender
+
+        for name in CONTENDERS:
             why = availability(name)
-            typer.echo(f"{name:<11} {'ok' if why is None else why}")
+            typer.echo(f"{name:<11} {describe_contender(name) if why is None else why}")
         return
     chosen = list(CONTENDERS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
     kwargs = {k: v for k, v in dict(steps=steps, batch_size=batch_size, eval_size=eval_size,
                                       max_length=max_length).items() if v is not None}
     cfg = CompareConfig(model=model, data=data, methods=chosen, out=str(out), train_size=train_size, seed=seed,
-                        threads=threads, **kwargs)
+                        jobs=jobs, threads=threads, **kwargs)
     run_compare(cfg, log=lambda s: typer.echo(s, err=True))
     typer.echo((out / "report.md").read_text())
 

@@ -38,12 +38,15 @@ CONTENDERS: dict[str, dict[str, Any]] = {
     "rslora": {"adapter": {"method": "lora", "r": 8, "alpha": 16, "scaling": "rslora"}, "train": {"lr": 1e-3}},
     "pissa": {"adapter": {"method": "lora", "r": 8, "alpha": 8, "init": "pissa_fast"}, "train": {"lr": 1e-3}},
     "dora": {"adapter": {"method": "dora", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}},
-    "vera": {"adapter": {"method": "vera", "r": 256}, "train": {"lr": 1e-2}},
+    # VeRA trains two vectors per layer: it needs a large lr, and d_initial=1.0 (PEFT: 0.1) lets the frozen random
+    # projections pass signal from the first step; a sweep on this task: lr 2e-2..5e-2 -> 0.776..0.782
+    "vera": {"adapter": {"method": "vera", "r": 256, "d_initial": 1.0}, "train": {"lr": 5e-2}},
     "lora_fa": {"adapter": {"method": "lora_fa", "r": 8, "alpha": 16}, "train": {"lr": 4e-3}},
     "adalora": {"adapter": lambda steps: {"method": "adalora", "r": 12, "target_r": 8, "alpha": 16,
                                           "total_steps": steps, "t_init": steps // 10, "t_final": steps // 4,
                                           "delta_t": max(1, steps // 40)},
-                "train": {"lr": 2e-3}},
+                # AdaLoRA starts its singular values E at zero, so lr 2e-3 barely moves it in 50 steps (0.61)
+                "train": {"lr": 1e-2}},
     "sora": {"adapter": {"method": "sora", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}},
     "lora_drop": {"adapter": {"method": "lora_drop", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}},
     "delta_lora": {"adapter": lambda steps: {"method": "delta_lora", "r": 8, "alpha": 16,
@@ -72,10 +75,20 @@ class CompareConfig:
     train_size: int | None = None  # None: all remaining rows
     warmup_steps: int = 10
     seed: int = 0
-    threads: int = 2
+    jobs: int = 0  # contenders trained side by side; 0 = auto (2 on a 2-core machine, up to 4 on bigger ones)
+    threads: int = 0  # torch threads per worker; 0 = auto (the cores divided among the workers)
     out: str = "report"
 
     def __post_init__(self) -> None:
+        cores = _cores()
+        if self.jobs < 0 or self.threads < 0:
+            raise ValueError("jobs and threads must be >= 0 (0 = choose automatically)")
+        if self.jobs == 0:
+            # small models on few cores: two single-threaded workers do ~1.45x the work of one two-threaded one
+            self.jobs = cores if cores <= 2 else min(4, cores // 2)
+        self.jobs = max(1, min(self.jobs, len(self.methods)))
+        if self.threads == 0:
+            self.threads = max(1, cores // self.jobs)
         unknown = [m for m in self.methods if m not in CONTENDERS]
         if unknown:
             raise ValueError(f"unknown contender(s) {unknown}; choose from: {', '.join(CONTENDERS)}")
@@ -86,6 +99,13 @@ class CompareConfig:
 # ---------------------------------------------------------------------------------------------------------------
 # Data and model
 # ---------------------------------------------------------------------------------------------------------------
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # respects container/taskset limits
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def load_rows(data: str, seed: int, eval_size: int, train_size: int | None) -> tuple[list[dict], list[dict]]:
     """(train, held-out) rows of {"text", "label"} with integer labels; the split is seeded."""
     if data == "movie_reviews":
@@ -127,6 +147,22 @@ def _settings(name: str, steps: int) -> dict[str, Any]:
     return spec
 
 
+def describe_contender(name: str, steps: int = 50) -> str:
+    """One line: what the contender trains and with which settings.
+
+    >>> describe_contender("lora")
+    'method=lora r=8 alpha=16 | lr=0.002'
+    """
+    spec = _settings(name, steps)
+    parts = [spec["kind"] if spec["kind"] != "adapter" else ""]
+    if spec["adapter"]:
+        parts = [" ".join(f"{k}={v}" for k, v in spec["adapter"].items())]
+    if spec.get("quantize"):
+        parts.append("4-bit NF4 base")
+    parts.append(" ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec["train"].items()))
+    return " | ".join(p for p in parts if p)
+
+
 def availability(name: str) -> str | None:
     """None if the contender can run here, else why not."""
     spec = _settings(name, 100)
@@ -161,6 +197,7 @@ def run_contender(name: str, cfg: CompareConfig, workdir: str) -> dict[str, Any]
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    _quiet_transformers()
     spec = _settings(name, cfg.steps)
     path = resolve_model(cfg.model)
     train_rows, eval_rows = load_rows(cfg.data, cfg.seed, cfg.eval_size, cfg.train_size)
@@ -233,6 +270,14 @@ def run_contender(name: str, cfg: CompareConfig, workdir: str) -> dict[str, Any]
     }
 
 
+def _quiet_transformers() -> None:
+    """The new classifier head is *meant* to be missing from the checkpoint: no load report or progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _head_name(model) -> str:
     for name in ("classifier", "score", "head", "out_proj"):
         if hasattr(model, name):
@@ -254,25 +299,44 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[str,
     resolve_model(cfg.model)  # fetch/convert the model once, before the workers start
     load_rows(cfg.data, cfg.seed, cfg.eval_size, cfg.train_size)
     _warm_imports()
-    rows, skipped = [], {}
-    started = time.perf_counter()
-    for i, name in enumerate(cfg.methods, 1):
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    by_name: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    total, done = len(cfg.methods), 0
+    runnable = []
+    for name in cfg.methods:
         why = availability(name)
         if why:
             skipped[name] = why
-            log(f"[{i}/{len(cfg.methods)}] {name}: skipped, {why}")
-            continue
+            done += 1
+            log(f"[{done}/{total}] {name}: skipped, {why}")
+        else:
+            runnable.append(name)
+    log(f"training {len(runnable)} contenders, {cfg.jobs} at a time with {cfg.threads} torch thread(s) each")
+    started = time.perf_counter()
+
+    def timed(name: str) -> tuple[dict, float]:
         t0 = time.perf_counter()
-        try:
-            row = _run_isolated(name, cfg)
-        except RuntimeError as exc:
-            skipped[name] = f"failed: {exc}"
-            log(f"[{i}/{len(cfg.methods)}] {name}: FAILED ({str(exc).splitlines()[-1] if str(exc) else exc})")
-            continue
-        rows.append(row)
-        acc = row["accuracy"]
-        log(f"[{i}/{len(cfg.methods)}] {name}: accuracy {acc:.3f}, {row['trainable_params']:,} trainable, "
-            f"{row['seconds_per_step']:.3f} s/step ({time.perf_counter() - t0:.0f} s)")
+        return _run_isolated(name, cfg), time.perf_counter() - t0
+
+    # each worker is its own process; these threads only wait for them
+    with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
+        futures = {pool.submit(timed, name): name for name in runnable}
+        for fut in as_completed(futures):
+            name = futures[fut]
+            done += 1
+            try:
+                row, seconds = fut.result()
+            except RuntimeError as exc:
+                skipped[name] = f"failed: {exc}"
+                log(f"[{done}/{total}] {name}: FAILED ({str(exc).splitlines()[-1] if str(exc) else exc})")
+                continue
+            by_name[name] = row
+            log(f"[{done}/{total}] {name}: accuracy {row['accuracy']:.3f}, {row['trainable_params']:,} trainable, "
+                f"{row['seconds_per_step']:.3f} s/step ({seconds:.0f} s)")
+    rows = [by_name[n] for n in cfg.methods if n in by_name]
+    skipped = {n: skipped[n] for n in cfg.methods if n in skipped}
     results = {"config": asdict(cfg), "rows": rows, "skipped": skipped,
                "total_seconds": time.perf_counter() - started, "date": time.strftime("%Y-%m-%d %H:%M"),
                "environment": _environment()}
@@ -334,7 +398,7 @@ def _environment() -> dict[str, Any]:
 
     import torch
 
-    return {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+    return {"torch": torch.__version__, "python": platform.python_version(), "cores": _cores(),
             "cpu": platform.processor() or platform.machine()}
 
 
@@ -462,12 +526,10 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     env = results.get("environment", {})
     intro = (f"Model `{cfg['model']}`, data `{cfg['data']}` ({cfg['eval_size']} held-out rows), "
              f"{cfg['steps']} optimiser steps of batch {cfg['batch_size']} for every contender, max length "
-             f"{cfg['max_length']}, seed {cfg['seed']}. Run {results.get('date', '')} on {env.get('threads', '?')} "
-             f"CPU threads, torch {env.get('torch', '?')}, {results['total_seconds']:.0f} s in total.")
+             f"{cfg['max_length']}, seed {cfg['seed']}. Run {results.get('date', '')} on {_machine(cfg, env)}, "
+             f"torch {env.get('torch', '?')}, {results['total_seconds']:.0f} s in total.")
     md = ["# lorakit compare", "", intro, "", table_markdown(rows), ""]
-    md += ["Time per step is the median over the run; peak memory is the worker process's peak resident set "
-           "(model, data and tokenizer included); the adapter file is what `lorakit.save` writes (for full and "
-           "head-only: every trainable tensor in safetensors).", ""]
+    md += [_FOOTNOTE.format(se=100 * _accuracy_se(rows, cfg["eval_size"])), ""]
     if notes:
         md += ["## Methods more than 3 points below LoRA", ""] + [f"- {n}" for n in notes] + [""]
     if skipped:
@@ -476,6 +538,28 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     md += [f"![{p}]({p})" for p in plots]
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     atomic_write_text(out / "report.html", _html(results, rows, notes, skipped, intro, out, plots))
+
+
+_FOOTNOTE = ("Held-out accuracy is from one seed on the held-out rows: its standard error is about ±{se:.1f} points, "
+             "so gaps of a point or two are noise. Time per step is the median over the run (contenders that "
+             "trained side by side share the machine's memory bandwidth); peak memory is the worker process's peak "
+             "resident set (model, data and tokenizer included); the adapter file is what `lorakit.save` writes "
+             "(for full and head-only: every trainable tensor in safetensors). Learning rates are per method "
+             "(`lorakit compare --list` shows them), chosen by a small sweep on this task.")
+
+
+def _accuracy_se(rows: Sequence[dict], n: int) -> float:
+    """Binomial standard error of an accuracy near LoRA's on ``n`` held-out rows."""
+    accs = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
+    p = next((r["accuracy"] for r in rows if r["name"] == "lora" and r["accuracy"] is not None),
+             sum(accs) / len(accs) if accs else 0.5)
+    return math.sqrt(max(p * (1 - p), 1e-12) / max(1, n))
+
+
+def _machine(cfg: dict, env: dict) -> str:
+    jobs, threads = cfg.get("jobs", 1), cfg.get("threads", "?")
+    side = f"{jobs} contenders side by side, " if jobs and jobs > 1 else ""
+    return f"{env.get('cores', '?')} CPU cores ({side}{threads} torch thread(s) each)"
 
 
 def _html(results, rows, notes, skipped, intro, out: Path, plots: list[str]) -> str:
@@ -512,8 +596,8 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
 <table><thead><tr><th>method</th><th>trainable params</th><th>% of model</th><th>held-out accuracy</th>
 <th>eval loss</th><th>time / step</th><th>peak memory (RSS)</th><th>adapter file</th></tr></thead>
 <tbody>{''.join(body)}</tbody></table>
-<p class="muted">Best accuracy highlighted. Time per step: median over the run. Peak memory: the worker process's
-peak resident set. Adapter file: what <code>lorakit.save</code> writes.</p>
+<p class="muted">Best accuracy highlighted. {html.escape(_FOOTNOTE.format(
+    se=100 * _accuracy_se(rows, results["config"]["eval_size"])).replace("`", ""))}</p>
 {f'<h2>Methods more than 3 points below LoRA</h2><ul>{note_html}</ul>' if notes else ''}
 {f'<h2>Not run</h2><ul>{skip_html}</ul>' if skipped else ''}
 {images}
