@@ -74,3 +74,39 @@ def test_generic_path_where_fused_does_not_apply():
     assert net2[0].base.weight.grad is not None
     with lorakit.disabled(net2):  # disabled adapters: base output only
         assert torch.allclose(net2(x), x @ w2.t() + b2, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["adalora", "sora", "lora_drop"])
+def test_gated_methods_fused_path_equals_their_formula(method):
+    """AdaLoRA (s·B diag(λ) A), SoRA (s·B diag(g) A) and LoRA-drop (s·B A) ride LoRA's fused node."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 6))
+    w, b0 = net[0].weight.detach().clone(), net[0].bias.detach().clone()
+    extra = {"total_steps": 10, "target_r": 2} if method == "adalora" else {}
+    lorakit.attach(net, AdapterConfig(method=method, r=4, alpha=8, targets=["0"], **extra))
+    ad = net[0].adapters["default"]
+    A, B = ad.factors() if method == "lora_drop" else (ad.A, ad.B)
+    mid = {"adalora": lambda: ad.E.view(-1), "sora": lambda: ad.gate}.get(method, lambda: None)()
+    with torch.no_grad():
+        B.normal_()
+        if mid is not None:
+            mid.copy_(torch.randn(4))  # λ starts at 0 and g at 1: random values test the diagonal
+    assert net[0]._fast and net[0]._fast[0].fused_forward(net[0], torch.randn(2, 8)) is not None
+    x = torch.randn(3, 8, requires_grad=True)
+    y = net(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, A, B) + ((mid,) if mid is not None else ())]
+    xr, ar, br = leaves[:3]
+    z = xr @ ar.t()
+    if mid is not None:
+        z = z * leaves[3]
+    yr = xr @ w.t() + b0 + ad.scaling * z @ br.t()
+    yr.backward(g)
+    assert torch.allclose(y, yr, atol=1e-5) and torch.allclose(x.grad, xr.grad, atol=1e-5)
+    assert torch.allclose(A.grad, ar.grad, atol=1e-5) and torch.allclose(B.grad, br.grad, atol=1e-5)
+    if mid is not None:
+        mid_grad = ad.E.grad.view(-1) if method == "adalora" else ad.gate.grad
+        assert torch.allclose(mid_grad, leaves[3].grad, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(net(x), yr, atol=1e-5)

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .base import Adapter
+from .lora import can_fuse, fused_low_rank
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import AdapterConfig
@@ -180,6 +181,12 @@ class AdaLoraAdapter(Adapter):
             return layer.ops.up_add(y, z, self.B, self.scaling)
         return y + (layer.ops.up(z, self.B) * self.scaling).to(y.dtype)
 
+    def fused_forward(self, layer: "AdaptedLayer", x: torch.Tensor) -> torch.Tensor | None:
+        """The layer output in one fused op (LoRA's, with ``A·diag(λ)`` as the down factor), or None."""
+        if self.r == 0 or not can_fuse(self, layer, x, (self.A, self.E, self.B)):
+            return None
+        return fused_low_rank(layer, x, self.A * self.E, self.B, self.scaling)  # [r, in] temporary: tiny
+
     def delta_weight(self, layer: "AdaptedLayer | None" = None) -> torch.Tensor:
         acc = torch.promote_types(self.A.dtype, torch.float32)
         return self.scaling * (self.B.to(acc) @ (self.A.to(acc) * self.E.to(acc)))
@@ -193,21 +200,41 @@ class AdaLoraAdapter(Adapter):
         return super().param_role(param_name)
 
     # -- importance ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def update_importance(self, beta1: float, beta2: float) -> None:
         """One EMA update of sensitivity and uncertainty from the current weights and gradients (methods.md §8)."""
-        for pname in ("A", "E", "B"):
-            p = getattr(self, pname)
-            if p.grad is None:
-                continue
-            ipt = (p * p.grad).abs_()
-            avg, unc = self._buffers["ipt_" + pname], self._buffers["unc_" + pname]
-            if avg is None:
-                avg, unc = torch.zeros_like(p), torch.zeros_like(p)
-                self._buffers["ipt_" + pname], self._buffers["unc_" + pname] = avg, unc
-            # in place, with the same roundings as β·Ī + (1 − β)·I written out
-            avg.mul_(beta1).add_(ipt * (1 - beta1))
-            unc.mul_(beta2).add_((ipt - avg).abs_().mul_(1 - beta2))  # the just-updated Ī, as the official code
+        type(self).update_importances([self], beta1, beta2)
+
+    @staticmethod
+    @torch.no_grad()
+    def update_importances(adapters: list["AdaLoraAdapter"], beta1: float, beta2: float) -> None:
+        """:meth:`update_importance` for many adapters at once, with multi-tensor (``_foreach``) ops: per step
+        this is ~10 small ops per parameter, whose Python/dispatch overhead otherwise rivals their work."""
+        params, grads, avgs, uncs = [], [], [], []
+        for a in adapters:
+            for pname in ("A", "E", "B"):
+                p = getattr(a, pname)
+                if p.grad is None:
+                    continue
+                avg, unc = a._buffers["ipt_" + pname], a._buffers["unc_" + pname]
+                if avg is None:
+                    avg, unc = torch.zeros_like(p), torch.zeros_like(p)
+                    a._buffers["ipt_" + pname], a._buffers["unc_" + pname] = avg, unc
+                params.append(p)
+                grads.append(p.grad)
+                avgs.append(avg)
+                uncs.append(unc)
+        if not params:
+            return
+        ipt = torch._foreach_mul(params, grads)
+        torch._foreach_abs_(ipt)
+        # the same roundings as β·Ī + (1 − β)·I written out
+        torch._foreach_mul_(avgs, beta1)
+        torch._foreach_add_(avgs, torch._foreach_mul(ipt, 1 - beta1))
+        dev = torch._foreach_sub(ipt, avgs)  # against the just-updated Ī, as the official code
+        torch._foreach_abs_(dev)
+        torch._foreach_mul_(dev, 1 - beta2)
+        torch._foreach_mul_(uncs, beta2)
+        torch._foreach_add_(uncs, dev)
 
     def has_scores(self) -> bool:
         return any(getattr(self, n) is not None for n in _SCORE_BUFFERS)
@@ -286,8 +313,7 @@ class AdaLoraAdapter(Adapter):
         final_at = config.total_steps - config.t_final
         target = config.target_r * len(live)
         if step < final_at:
-            for a in live:
-                a.update_importance(config.beta1, config.beta2)
+            cls.update_importances(live, config.beta1, config.beta2)
             budget, mask_now = budget_schedule(step, sum(a.r for a in live), target, config.t_init, config.t_final,
                                                config.total_steps, config.delta_t)
             if mask_now:
@@ -332,18 +358,25 @@ class AdaLoraAdapter(Adapter):
     def adapter_regularization(cls, entries: list, config: "AdapterConfig") -> torch.Tensor | None:
         if not config.orth_reg:
             return None
-        terms = []
+        # ‖AAᵀ − I‖_F and ‖BᵀB − I‖_F of every live adapter; same-shaped matrices go through one batched product
+        # (one graph node per shape instead of several per matrix)
+        by_shape: dict[tuple, list[torch.Tensor]] = {}
         for _, _, a in entries:
             if a.hooks_done:
                 continue
-            # exact fp32 even inside a bf16 autocast region (the term is tiny matrices, cost is negligible)
-            with torch.autocast(a.A.device.type, enabled=False):
-                for gram in (a.A @ a.A.t(), a.B.t() @ a.B):
-                    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-                    terms.append(torch.linalg.matrix_norm(gram - eye))
+            for m in (a.A, a.B.t()):  # both as [r, n]: the Gram matrix is m mᵀ
+                by_shape.setdefault((tuple(m.shape), m.dtype, m.device), []).append(m)
+        terms = []
+        # exact fp32 even inside a bf16 autocast region (the term is tiny matrices, cost is negligible)
+        with torch.autocast(next(iter(by_shape))[2].type if by_shape else "cpu", enabled=False):
+            for (shape, dtype, device), mats in by_shape.items():
+                stacked = torch.stack(mats)
+                gram = torch.bmm(stacked, stacked.transpose(1, 2))
+                eye = torch.eye(shape[0], dtype=dtype, device=device)
+                terms.append(torch.linalg.matrix_norm(gram - eye))
         if not terms:
             return None
-        return config.orth_reg * torch.stack(terms).mean()
+        return config.orth_reg * torch.cat(terms).mean()
 
     @classmethod
     def adapter_state_dict(cls, model: nn.Module, name: str, entries: list, config: "AdapterConfig") -> dict:

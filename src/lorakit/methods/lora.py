@@ -65,6 +65,34 @@ class _FusedLoraLinear(torch.autograd.Function):
         return gx, None, None, ga, gb, None
 
 
+def can_fuse(adapter: Adapter, layer: "AdaptedLayer", x: torch.Tensor, params: tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``layer``'s output may be computed by :func:`fused_low_rank`: a plain frozen ``nn.Linear`` without
+    hooks, input and ``params`` in the base weight's dtype, no autocast, and no active dropout on the branch.
+    Methods whose branch is ``s·(x A'ᵀ) B'ᵀ`` for some A', B' built from their parameters (LoRA, AdaLoRA's
+    ``A·diag(λ)``, SoRA's gated A, LoRA-drop's shared pair) use it."""
+    base = layer.base
+    if (type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or _GLOBAL_HOOKS[0]
+            or _GLOBAL_HOOKS[1] or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
+        return False
+    dtype = base.weight.dtype
+    if x.dtype != dtype or any(p.dtype != dtype for p in params) or torch.is_autocast_enabled(x.device.type):
+        return False
+    dropout = getattr(adapter, "dropout", None)
+    return dropout is None or isinstance(dropout, nn.Identity) or not dropout.training
+
+
+def fused_low_rank(layer: "AdaptedLayer", x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """``base(x) + scale·(x aᵀ) bᵀ`` for a layer that passed :func:`can_fuse`: one autograd node when a gradient
+    is wanted, else straight into the base output's buffer."""
+    base = layer.base
+    if not torch.is_grad_enabled() or not (x.requires_grad or a.requires_grad or b.requires_grad):
+        y = F.linear(x, base.weight, base.bias)
+        y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]).mm(a.t()), b.t(), alpha=scale)
+        return y
+    return _FusedLoraLinear.apply(x, base.weight, base.bias, a, b, scale)
+
+
 class LoraAdapter(Adapter):
     """Plain LoRA. Subclasses reuse its A/B parameters, low-rank path and PiSSA handling."""
 
@@ -167,22 +195,9 @@ class LoraAdapter(Adapter):
         Applies to a plain frozen ``nn.Linear`` without hooks, same-dtype input and factors, no autocast, no
         active dropout, and a class that keeps LoRA's :meth:`apply` (subclasses changing the math opt out).
         """
-        base = layer.base
-        if (type(self).apply is not LoraAdapter.apply or type(base) is not nn.Linear
-                or base._forward_hooks or base._forward_pre_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]
-                or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
+        if type(self).apply is not LoraAdapter.apply or not can_fuse(self, layer, x, (self.A, self.B)):
             return None
-        a, b = self.A, self.B
-        if not (x.dtype == a.dtype == b.dtype == base.weight.dtype) or torch.is_autocast_enabled(x.device.type):
-            return None
-        if self.dropout.training and not isinstance(self.dropout, nn.Identity):
-            return None
-        if not torch.is_grad_enabled() or not (x.requires_grad or a.requires_grad or b.requires_grad):
-            # inference: no graph, so add the branch straight into the base output
-            y = F.linear(x, base.weight, base.bias)
-            y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]).mm(a.t()), b.t(), alpha=self.scaling)
-            return y
-        return _FusedLoraLinear.apply(x, base.weight, base.bias, a, b, self.scaling)
+        return fused_low_rank(layer, x, self.A, self.B, self.scaling)
 
     def delta_weight(self, layer: "AdaptedLayer | None" = None) -> torch.Tensor:
         acc = torch.promote_types(self.A.dtype, torch.float32)

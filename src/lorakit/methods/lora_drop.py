@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .base import Adapter, kaiming_uniform, layer_generator
+from .lora import can_fuse, fused_low_rank
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import AdapterConfig
@@ -196,6 +197,13 @@ class LoraDropAdapter(Adapter):
         if z.dtype == y.dtype:
             return layer.ops.up_add(y, z, B, self.scaling)
         return y + (layer.ops.up(z, B) * self.scaling).to(y.dtype)
+
+    def fused_forward(self, layer: "AdaptedLayer", x: torch.Tensor) -> torch.Tensor | None:
+        """The layer output in one fused op (LoRA's, with this layer's own or shared pair), or None."""
+        A, B = self.factors()
+        if not can_fuse(self, layer, x, (A, B)):
+            return None
+        return fused_low_rank(layer, x, A, B, self.scaling)
 
     def branch_output(self, layer: "AdaptedLayer", x: torch.Tensor) -> torch.Tensor:
         """``s·B A x`` without dropout: the quantity whose squared norm is the layer's importance."""

@@ -44,7 +44,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .base import Adapter, kaiming_uniform
-from .lora import LoraAdapter
+from .lora import LoraAdapter, can_fuse, fused_low_rank
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import AdapterConfig
@@ -203,6 +203,12 @@ class SoraAdapter(Adapter):
         if z.dtype == y.dtype:
             return layer.ops.up_add(y, z, self.B, self.scaling)
         return y + (layer.ops.up(z, self.B) * self.scaling).to(y.dtype)
+
+    def fused_forward(self, layer: "AdaptedLayer", x: torch.Tensor) -> torch.Tensor | None:
+        """The layer output in one fused op (LoRA's, with ``diag(g)·A`` as the down factor), or None."""
+        if not can_fuse(self, layer, x, (self.A, self.gate, self.B)):
+            return None
+        return fused_low_rank(layer, x, self.A * self.gate.view(-1, 1), self.B, self.scaling)
 
     def delta_weight(self, layer: "AdaptedLayer | None" = None) -> torch.Tensor:
         acc = torch.promote_types(self.A.dtype, torch.float32)
