@@ -27,34 +27,36 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 #: contender name -> settings. "adapter" holds AdapterConfig fields; "train" holds TrainConfig overrides;
-#: callables receive the step budget. "kind": "adapter" (default), "full" or "head".
+#: callables receive the step budget. "kind": "adapter" (default), "full" or "head". "cost": run time relative to
+#: LoRA's (measured on MiniLM), only used to start the long ones first when contenders run side by side.
 CONTENDERS: dict[str, dict[str, Any]] = {
-    "head-only": {"kind": "head", "train": {"lr": 5e-3},
+    "head-only": {"kind": "head", "train": {"lr": 5e-3}, "cost": 0.6,
                   "about": "frozen pretrained model, only the new classifier head trains"},
-    "full": {"kind": "full", "train": {"lr": 5e-5}, "about": "every weight trains (the upper reference)"},
+    "full": {"kind": "full", "train": {"lr": 5e-5}, "cost": 1.5, "about": "every weight trains (the upper reference)"},
     "lora": {"adapter": {"method": "lora", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}},
     "lora+": {"adapter": {"method": "lora", "r": 8, "alpha": 16}, "train": {"lr": 4e-4, "loraplus_ratio": 16.0},
               "needs": "lorakit.optim"},
     "rslora": {"adapter": {"method": "lora", "r": 8, "alpha": 16, "scaling": "rslora"}, "train": {"lr": 1e-3}},
     "pissa": {"adapter": {"method": "lora", "r": 8, "alpha": 8, "init": "pissa_fast"}, "train": {"lr": 1e-3}},
-    "dora": {"adapter": {"method": "dora", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}},
+    "dora": {"adapter": {"method": "dora", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}, "cost": 1.2},
     # VeRA trains two vectors per layer: it needs a large lr, and d_initial=1.0 (PEFT: 0.1) lets the frozen random
     # projections pass signal from the first step; a sweep on this task: lr 2e-2..5e-2 -> 0.776..0.782
-    "vera": {"adapter": {"method": "vera", "r": 256, "d_initial": 1.0}, "train": {"lr": 5e-2}},
+    "vera": {"adapter": {"method": "vera", "r": 256, "d_initial": 1.0}, "train": {"lr": 5e-2}, "cost": 1.8},
     "lora_fa": {"adapter": {"method": "lora_fa", "r": 8, "alpha": 16}, "train": {"lr": 4e-3}},
     "adalora": {"adapter": lambda steps: {"method": "adalora", "r": 12, "target_r": 8, "alpha": 16,
                                           "total_steps": steps, "t_init": steps // 10, "t_final": steps // 4,
                                           "delta_t": max(1, steps // 40)},
                 # AdaLoRA starts its singular values E at zero, so lr 2e-3 barely moves it in 50 steps (0.61)
-                "train": {"lr": 1e-2}},
-    "sora": {"adapter": {"method": "sora", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}},
-    "lora_drop": {"adapter": {"method": "lora_drop", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}},
+                "train": {"lr": 1e-2}, "cost": 1.3},
+    "sora": {"adapter": {"method": "sora", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}, "cost": 1.2},
+    "lora_drop": {"adapter": {"method": "lora_drop", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}, "cost": 1.4},
     "delta_lora": {"adapter": lambda steps: {"method": "delta_lora", "r": 8, "alpha": 16,
                                              "delta_start": steps // 5},
                    "train": {"lr": 2e-3}},
-    "qlora": {"adapter": {"method": "lora", "r": 8, "alpha": 16}, "quantize": True, "train": {"lr": 2e-3}},
+    "qlora": {"adapter": {"method": "lora", "r": 8, "alpha": 16}, "quantize": True, "train": {"lr": 2e-3},
+              "cost": 1.2},
     # LoftQ quantises each targeted layer itself (alternating NF4 and SVD), so the model is not pre-quantised
-    "loftq": {"adapter": {"method": "lora", "r": 8, "alpha": 16, "init": "loftq"}, "train": {"lr": 2e-3},
+    "loftq": {"adapter": {"method": "lora", "r": 8, "alpha": 16, "init": "loftq"}, "train": {"lr": 2e-3}, "cost": 1.2,
               "needs": "lorakit.quant.loftq"},
 }
 
@@ -320,9 +322,11 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[str,
         t0 = time.perf_counter()
         return _run_isolated(name, cfg), time.perf_counter() - t0
 
-    # each worker is its own process; these threads only wait for them
+    # each worker is its own process; these threads only wait for them. Longest first, so that the last
+    # contenders to finish are short ones and no core idles for long at the end (the report keeps the given order)
+    schedule = sorted(runnable, key=lambda n: -CONTENDERS[n].get("cost", 1.0)) if cfg.jobs > 1 else runnable
     with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
-        futures = {pool.submit(timed, name): name for name in runnable}
+        futures = {pool.submit(timed, name): name for name in schedule}
         for fut in as_completed(futures):
             name = futures[fut]
             done += 1
@@ -355,7 +359,7 @@ def _run_isolated(name: str, cfg: CompareConfig) -> dict[str, Any]:
     # forkserver, not fork: a plain fork of a process that already ran torch ops can deadlock in OpenMP; the
     # fork server is a fresh interpreter that only imported the heavy modules, so its forks start fast and safe
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "transformers", "lorakit.compare", "lorakit.train.trainer"])
+    ctx.set_forkserver_preload(_preload_modules(cfg))
     with tempfile.TemporaryDirectory(prefix=f"lorakit-{name}-") as work:
         proc = ctx.Process(target=_forked_worker, args=(name, cfg, work), daemon=False)
         proc.start()
@@ -364,6 +368,27 @@ def _run_isolated(name: str, cfg: CompareConfig) -> dict[str, Any]:
         if proc.exitcode != 0 or not result.exists():
             raise RuntimeError(error.read_text()[-2000:] if error.exists() else f"worker exit code {proc.exitcode}")
         return json.loads(result.read_text())
+
+
+def _preload_modules(cfg: CompareConfig) -> list[str]:
+    """What the fork server imports once so that each worker starts with it (~5 s per worker otherwise: loading
+    a transformers model pulls in ~1500 modules). Names that fail to import are skipped by multiprocessing."""
+    mods = ["torch", "transformers", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
+            "transformers.models.auto.tokenization_auto", "safetensors.torch", "lorakit.compare",
+            "lorakit.train.trainer", "lorakit.model", "lorakit.io", "lorakit.methods.lora"]
+    try:
+        model_type = json.loads(Path(resolve_model(cfg.model), "config.json").read_text()).get("model_type", "")
+        if model_type.replace("_", "").isalnum():
+            mods.append(f"transformers.models.{model_type}.modeling_{model_type}")
+    except (OSError, ValueError):
+        pass
+    for name in cfg.methods:
+        spec = _settings(name, cfg.steps)
+        if spec["adapter"]:
+            mods.append(f"lorakit.methods.{spec['adapter']['method']}")
+        if spec.get("quantize") or (spec["adapter"] or {}).get("init") == "loftq":
+            mods += ["lorakit.quant", "lorakit.quant.loftq"]
+    return list(dict.fromkeys(mods))
 
 
 def _forked_worker(name: str, cfg: CompareConfig, work: str) -> None:
