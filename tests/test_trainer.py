@@ -147,3 +147,22 @@ def test_group_by_length_batches_similar_lengths_and_covers_the_epoch():
     assert sum(spread) < 0.3 * sum(plain_spread)
     again = Trainer(torch.nn.Linear(2, 2), TrainConfig(batch_size=8, group_by_length=True, progress=False), data)
     assert [next(again._batch_indices(0))] == batches[:1]  # seeded: same order every time
+
+
+@pytest.mark.parametrize("method", ["adalora", "sora", "delta_lora"])
+def test_fsdp_is_refused_up_front_for_methods_whose_hooks_need_whole_tensors(method):
+    import lorakit
+    from lorakit.train.distributed import DistInfo, check_shardable, wrap
+
+    net = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 2))
+    extra = {"total_steps": 4, "target_r": 1} if method == "adalora" else {}
+    lorakit.attach(net, lorakit.AdapterConfig(method=method, r=2, **extra))
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with pytest.raises(ValueError, match=rf"cannot train {method} adapters.*use strategy 'ddp'"):
+        wrap(net, "fsdp", DistInfo(rank=0, world_size=2))
+    # nothing was sharded or changed
+    assert all(type(p) is torch.nn.Parameter for p in net.parameters())
+    assert all(torch.equal(before[n], p) for n, p in net.named_parameters())
+    plain = torch.nn.Sequential(torch.nn.Linear(6, 6))
+    lorakit.attach(plain, lorakit.AdapterConfig(method="lora", r=2))
+    check_shardable(plain)  # LoRA (and every method without such hooks) shards: no error

@@ -88,6 +88,7 @@ class AdaLoraAdapter(Adapter):
     method = "adalora"
     default_r = 12  # PEFT's init_r
     needs_hooks = True
+    shardable = False  # its hooks index, prune or copy whole tensors; FSDP holds shards (DDP is tested)
     allowed_inits = ("kaiming",)  # the config default; AdaLoRA always uses its own init (λ = 0, A, B ~ N(0, 0.02²))
 
     def __init__(self, ops: "LayerOps", config: "AdapterConfig", path: str, shared: nn.Module | None = None):

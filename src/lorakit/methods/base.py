@@ -56,6 +56,9 @@ class Adapter(nn.Module):
     allowed_inits: ClassVar[tuple[str, ...]] = ("kaiming",)
     #: False if the method's layer function cannot be folded into the base weight
     mergeable: ClassVar[bool] = True
+    #: False if the method's training hooks need whole tensors (pruning ranks, gates, moving the base weight):
+    #: FSDP, which shards them, is then refused up front with a clear error (DDP works)
+    shardable: ClassVar[bool] = True
     #: parameters that exist but never train (LoRA-FA's A)
     frozen_params: ClassVar[tuple[str, ...]] = ()
 

@@ -59,6 +59,7 @@ class DeltaLoraAdapter(LoraAdapter):
 
     method = "delta_lora"
     needs_hooks = True
+    shardable = False  # its hooks index, prune or copy whole tensors; FSDP holds shards (DDP is tested)
     shifts_base = True
     allowed_inits = ("kaiming", "gaussian", "init_b", "orthogonal")
 

@@ -138,6 +138,7 @@ class SoraAdapter(Adapter):
 
     method = "sora"
     needs_hooks = True
+    shardable = False  # its hooks index, prune or copy whole tensors; FSDP holds shards (DDP is tested)
     allowed_inits = ("kaiming",)
 
     def __init__(self, ops: "LayerOps", config: "AdapterConfig", path: str, shared: nn.Module | None = None):

@@ -68,6 +68,7 @@ def wrap(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        check_shardable(model)
         # Shard every transformer block (modules holding adapted layers, one level above them), then the root.
         blocks = _blocks(model)
         for block in blocks:
@@ -75,6 +76,28 @@ def wrap(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
         fully_shard(model)
         return model
     raise ValueError(f"distributed strategy {strategy!r} is invalid; allowed: ddp, fsdp, none")
+
+
+def check_shardable(model: nn.Module) -> None:
+    """Raise (before anything is sharded) if an adapter's training hooks cannot run on FSDP shards.
+
+    Example:
+        >>> import torch, lorakit
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(method="sora", r=2))
+        >>> check_shardable(net)
+        Traceback (most recent call last):
+        ...
+        ValueError: strategy 'fsdp' cannot train sora adapters: ...
+    """
+    from ..model import adapted_layers
+
+    methods = sorted({a.method for _, layer in adapted_layers(model) for a in layer.adapters.values()
+                      if not a.shardable})
+    if methods:
+        raise ValueError(f"strategy 'fsdp' cannot train {', '.join(methods)} adapters: their training hooks (rank "
+                         f"pruning, gates, base-weight updates) work on whole tensors and FSDP shards them; use "
+                         f"strategy 'ddp' for these methods")
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
