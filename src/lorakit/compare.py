@@ -156,9 +156,8 @@ def describe_contender(name: str, steps: int = 50) -> str:
     'method=lora r=8 alpha=16 | lr=0.002'
     """
     spec = _settings(name, steps)
-    parts = [spec["kind"] if spec["kind"] != "adapter" else ""]
-    if spec["adapter"]:
-        parts = [" ".join(f"{k}={v}" for k, v in spec["adapter"].items())]
+    adapter = spec["adapter"]
+    parts = [" ".join(f"{k}={v}" for k, v in adapter.items()) if adapter else spec["kind"]]
     if spec.get("quantize"):
         parts.append("4-bit NF4 base")
     parts.append(" ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec["train"].items()))

@@ -62,7 +62,7 @@ from torch.autograd.function import once_differentiable
 
 from ..layers import UnsupportedLayer, ops_for
 from .base import Adapter
-from .lora import LoraAdapter
+from .lora import LoraAdapter, can_fuse
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import AdapterConfig
@@ -76,7 +76,6 @@ _GRAM_SAFE = 0.25
 _SMALL_C = 1e-3
 
 
-_GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
 
 
 class _FusedDoraLinear(torch.autograd.Function):
@@ -306,15 +305,8 @@ class DoraAdapter(LoraAdapter):
         active dropout and a constant norm (detached, or no gradient wanted); otherwise :meth:`apply` runs.
         """
         base = layer.base
-        if (type(self).apply is not DoraAdapter.apply or type(base) is not nn.Linear
-                or base._forward_hooks or base._forward_pre_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]
-                or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
-            return None
         a, b, m = self.A, self.B, self.magnitude
-        if not (x.dtype == a.dtype == b.dtype == m.dtype == base.weight.dtype) \
-                or torch.is_autocast_enabled(x.device.type):
-            return None
-        if self.training and not isinstance(self.dropout, nn.Identity):
+        if type(self).apply is not DoraAdapter.apply or not can_fuse(self, layer, x, (a, b, m)):
             return None
         grad = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or m.requires_grad)
         if grad and not self.detach_norm and (a.requires_grad or b.requires_grad):
