@@ -76,8 +76,6 @@ _GRAM_SAFE = 0.25
 _SMALL_C = 1e-3
 
 
-
-
 class _FusedDoraLinear(torch.autograd.Function):
     """``c ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias`` for a frozen ``nn.Linear`` as one autograd node, ``c = m / n``, n constant.
 
