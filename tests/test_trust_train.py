@@ -186,6 +186,17 @@ def test_corrupt_newest_checkpoints_fall_back_to_the_newest_intact_one(tmp_path)
     assert kept and (out / kept[0] / "state.json").read_text() == "{not json"
 
 
+def test_a_skipped_corrupt_checkpoint_is_never_pruned(tmp_path):
+    out = tmp_path / "run"
+    run(out, steps=4, save_every=1, keep_last=2)  # ckpt-3, ckpt-4
+    bad = b"\x00" * 7
+    (out / "ckpt-4" / "state.safetensors").write_bytes(bad)
+    with pytest.warns(UserWarning, match="ckpt-4"):
+        run(out, steps=8, save_every=3, keep_last=2, resume=str(out))  # writes ckpt-6 and ckpt-8, prunes ckpt-3
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-4", "ckpt-6", "ckpt-8"]
+    assert (out / "ckpt-4" / "state.safetensors").read_bytes() == bad
+
+
 def test_a_corrupt_explicit_checkpoint_or_no_intact_one_is_a_clear_error(tmp_path):
     out = tmp_path / "run"
     run(out, steps=2, save_every=1)
@@ -251,3 +262,20 @@ def test_training_a_merged_adapter_is_refused_up_front(tmp_path):
         Trainer(model, TrainConfig(**{**BASE, "output_dir": str(tmp_path)}), make_data(), loss_fn=mse).train()
     assert all(torch.equal(weights[n], t) for n, t in model.state_dict().items())
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_cli_train_with_a_diverging_lr_exits_non_zero_with_one_line_and_no_adapter(tmp_path, tiny_chat_folder,
+                                                                                  capsys):
+    from lorakit.cli import main
+
+    model_dir, data = tiny_chat_folder
+    out_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--model", str(model_dir), "--data", str(data), "--steps", "6", "--lr", "1e30",
+              "--output-dir", str(out_dir), "--set", "train.progress=false", "--set", "max_length=32",
+              "--set", "train.max_grad_norm=null"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not finite" in errors[0] and "train.lr" in errors[0]
+    assert not (out_dir / "adapter").exists()

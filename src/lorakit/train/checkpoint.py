@@ -15,7 +15,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -211,6 +211,9 @@ def latest_checkpoint(path: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def prune_checkpoints(output_dir: Path, keep_last: int) -> None:
-    for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+def prune_checkpoints(output_dir: Path, keep_last: int, spare: Sequence[str] = ()) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints; those named in ``spare`` (corrupt ones skipped by a
+    resume) are neither counted nor deleted."""
+    ours = [p for p in list_checkpoints(output_dir) if p.name not in set(spare)]
+    for old in ours[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

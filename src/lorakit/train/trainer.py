@@ -56,7 +56,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0  # 0: only at the end
     log_every: int = 10
-    save_every: int = 0  # 0: only at the end (and on Ctrl-C)
+    save_every: int = 0  # 0: only at the end (and on Ctrl-C, SIGTERM or an exception)
     keep_last: int = 2
     output_dir: str | None = None
     resume: str | None = None  # a checkpoint folder or a run folder (its newest checkpoint)
@@ -525,7 +525,7 @@ class Trainer:
                 self._bad_checkpoints.discard(folder.name)
                 print(f"moved the corrupt checkpoint {folder} to {moved} to write a new one", file=sys.stderr)
             ckpt.write_checkpoint(folder, parts, lambda p: save(model, p))
-            ckpt.prune_checkpoints(out, self.config.keep_last)
+            ckpt.prune_checkpoints(out, self.config.keep_last, spare=sorted(self._bad_checkpoints))
         elif sharded:
             save(model, folder / "adapter", write_files=False)
         if final:
