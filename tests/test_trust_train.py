@@ -128,6 +128,30 @@ def test_exception_inside_the_optimizer_step_writes_no_checkpoint(tmp_path, caps
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def test_exception_after_a_trained_modules_buffers_changed_writes_no_checkpoint(tmp_path, capsys):
+    """A forward in train mode updates a trained BatchNorm's running statistics: that is no longer step 3's state."""
+    def model():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.BatchNorm1d(12), torch.nn.Linear(12, 3))
+        lorakit.attach(net, lorakit.AdapterConfig(r=2, targets=["0", "2"], modules_to_save=["1"]))
+        return net
+
+    cfg = TrainConfig(**{**BASE, "output_dir": str(tmp_path)})
+    calls = {"n": 0}
+
+    def fails_after_forward(net, batch):
+        calls["n"] += 1
+        loss = mse(net, batch)  # the forward has updated the running statistics
+        if calls["n"] == 4:
+            raise RuntimeError("after forward")
+        return loss
+
+    with pytest.raises(RuntimeError, match="after forward"):
+        Trainer(model(), cfg, make_data(), loss_fn=fails_after_forward).train()
+    assert not list(tmp_path.glob("ckpt-*"))
+    assert "buffers" in capsys.readouterr().err
+
+
 # -- item 11: the NaN policy ----------------------------------------------------------------------------------------
 def test_nan_loss_stops_before_the_update_keeps_the_last_good_state_and_writes_no_adapter(tmp_path):
     calls = {"n": 0}

@@ -156,8 +156,10 @@ class Trainer:
     - **An exception** (out of memory, a failing ``loss_fn``, ...) writes a checkpoint of the last *completed*
       step, then re-raises. It does so only when that state is provably intact: the exception came before
       ``optimizer.step()`` of the next step began (forward, loss, backward, clipping: parameters, optimiser,
-      scheduler and hook state are untouched, the RNG is restored from its snapshot at the step boundary, and no
-      buffer of a trained module changed), or after a step completed (logging, evaluation, saving). An exception
+      scheduler and hook state are untouched, the checkpoint records the RNG as snapshotted at the step boundary,
+      and no buffer of a trained module, e.g. a BatchNorm in ``modules_to_save``, changed: the tensors' version
+      counters say so), or after a step completed (logging, evaluation, which never moves the training RNG,
+      saving). An exception
       inside the update (``optimizer.step()``, ``scheduler.step()``, the methods' ``after_step`` hooks, ``finish``)
       may leave parameters half-updated: then no checkpoint is written and the newest one stays the newest. Under
       torch.distributed only rank 0 writes it, without collectives (the other ranks may be stuck or gone), so a
