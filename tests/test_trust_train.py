@@ -303,3 +303,22 @@ def test_cli_train_with_a_diverging_lr_exits_non_zero_with_one_line_and_no_adapt
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "not finite" in errors[0] and "train.lr" in errors[0]
     assert not (out_dir / "adapter").exists()
+
+
+def test_training_outside_the_main_thread_leaves_signal_handlers_alone(tmp_path):
+    import threading
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    results, errors = [], []
+
+    def work():
+        try:
+            results.append(run(tmp_path, steps=2))
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(60)
+    assert not errors and len(results[0].losses) == 2
+    assert {s: signal.getsignal(s) for s in before} == before
