@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import AdapterConfig
-from .io import SEP, AdapterLoadError, _atomic_folder, _load_one
+from .io import SEP, AdapterLoadError, _atomic_folder, _check_save_target, _load_one
 from .model import adapted_layers, registry, set_active
 
 PEFT_CONFIG = "adapter_config.json"
@@ -455,6 +455,14 @@ def save_peft(model: nn.Module, path: str | os.PathLike, names: Sequence[str], b
     if len(set(names)) != len(names):
         raise ValueError(f"save(format='peft') got repeated adapter names {names}")
     plans = [(name, _peft_payload(model, name)) for name in names]  # every check before anything is written
+    folder = Path(path)
+    _check_save_target(folder, "peft")
+    written = {folder if len(plans) == 1 or name == "default" else folder / name for name, _ in plans}
+    stale = {n: p for n, p in peft_adapter_folders(folder).items() if p not in written} if folder.is_dir() else {}
+    if stale:  # left in place they would load next to the new adapters
+        raise ValueError(f"cannot save into {str(folder)!r}: it holds PEFT adapter(s) {sorted(stale)} "
+                         f"({', '.join(str(p) for p in stale.values())}) that this save would not replace, and "
+                         f"loading the folder would pick them up too; remove them or save to another folder")
 
     def write(folder: Path) -> None:
         for name, (cfg, tensors) in plans:
