@@ -557,3 +557,22 @@ def test_valid_folders_still_load_and_old_files_without_save_id_too(tmp_path):
     fresh = mlp()
     lorakit.load(fresh, folder)
     assert torch.equal(outputs(fresh), outputs(net))
+
+
+@pytest.mark.parametrize("how", ["truncated", "nan"])
+def test_corrupt_peft_weights_are_refused_naming_the_file(tmp_path, how):
+    folder = lorakit.save(adapted(), tmp_path / "peft", format="peft")
+    wfile = folder / lkpeft.PEFT_WEIGHTS
+    if how == "truncated":
+        wfile.write_bytes(wfile.read_bytes()[:-9])
+    else:
+        tensors = load_file(str(wfile))
+        key = sorted(tensors)[0]
+        tensors[key][0, 0] = float("nan")
+        save_file(tensors, str(wfile), metadata={"format": "pt"})
+    net = mlp()
+    before = model_state(net)
+    with pytest.raises(AdapterLoadError) as err:
+        lorakit.load(net, folder)
+    assert lkpeft.PEFT_WEIGHTS in str(err.value) and ("corrupt" in str(err.value) or "finite" in str(err.value))
+    assert same_model_state(before, model_state(net))

@@ -278,6 +278,7 @@ def _atomic_folder(path: Path, write) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file atomically (temp file in the same folder, fsync, rename), with the umask's permissions."""
     path = Path(path)
+    _clean_stale(path.parent, path.name + ".")
     tmp = path.parent / _tmp_name(path.name + ".")
     try:
         _write_bytes(tmp, text.encode("utf-8"))
@@ -432,15 +433,12 @@ def read_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torc
             f"{folder}: {WEIGHTS_FILE} and {CONFIG_FILE} come from different saves (save_id {file_id} vs "
             f"{saved_id}): a save into this folder was interrupted between writing the two files. Save the adapter "
             f"again (e.g. resume from an intact checkpoint)")
-    for key, t in tensors.items():
-        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
-            raise AdapterLoadError(f"{w_file}: tensor {key!r} holds non-finite values (NaN or inf); lorakit does not "
-                                   f"load them (the run that saved it diverged: lower the learning rate, or use an "
-                                   f"earlier checkpoint)")
     return meta, tensors
 
 
 def _read_weights(w_file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; AdapterLoadError naming the file if it is corrupt or incomplete,
+    or naming the tensor if it holds NaN/inf."""
     try:
         with safe_open(str(w_file), framework="pt") as f:
             file_meta = dict(f.metadata() or {})
@@ -448,6 +446,11 @@ def _read_weights(w_file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     except (SafetensorError, ValueError, RuntimeError, TypeError) as err:
         raise AdapterLoadError(f"{w_file}: the file is corrupt or incomplete and cannot be read as safetensors "
                                f"({err}); save the adapter again or restore the file from a copy") from None
+    for key, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise AdapterLoadError(f"{w_file}: tensor {key!r} holds non-finite values (NaN or inf); lorakit does not "
+                                   f"load them (the run that saved it diverged: lower the learning rate, or use an "
+                                   f"earlier checkpoint)")
     return tensors, file_meta
 
 
