@@ -317,6 +317,11 @@ def save(model: nn.Module, path: str | os.PathLike, names: str | Sequence[str] |
          format: str = "lorakit", convert_pissa: bool = False, write_files: bool = True, **kwargs: Any) -> Path:
     """Save adapters (default: all) to folder ``path`` atomically; returns the folder.
 
+    A new folder appears complete in one rename. Into an existing folder (a run folder, say) only lorakit's own two
+    files are replaced, each atomically, weights before config; every other file is left as it is, and a failure
+    at any step leaves the previous adapter in place. A ``path`` that is a file, or a folder holding a PEFT adapter,
+    is refused with a ValueError (nothing is written). Files and folders get the umask's permissions.
+
     ``format="peft"`` writes PEFT's layout instead (see :mod:`lorakit.peft_format`).
     A PiSSA adapter is saved with its initial factors, so :func:`load` re-creates the residual base from the
     original weights. ``convert_pissa=True`` instead writes it as a plain rank-2r LoRA,
@@ -362,7 +367,8 @@ def save(model: nn.Module, path: str | os.PathLike, names: str | Sequence[str] |
     config_text = json.dumps(meta, indent=2, sort_keys=True, default=_json_default)
 
     def write(folder: Path) -> None:
-        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "lorakit", "lorakit_save_id": meta["save_id"]})
+        save_file(tensors, str(folder / WEIGHTS_FILE),
+                  metadata={"format": "lorakit", "lorakit_save_id": meta["save_id"]})
         _write_bytes(folder / CONFIG_FILE, config_text.encode("utf-8"))
 
     if write_files:  # under FSDP every rank gathers (above) but only one writes
