@@ -576,3 +576,29 @@ def test_corrupt_peft_weights_are_refused_naming_the_file(tmp_path, how):
         lorakit.load(net, folder)
     assert lkpeft.PEFT_WEIGHTS in str(err.value) and ("corrupt" in str(err.value) or "finite" in str(err.value))
     assert same_model_state(before, model_state(net))
+
+
+def test_a_failure_after_the_first_adapter_is_committed_rolls_back_exactly(tmp_path, monkeypatch):
+    """Injected failure while committing the second adapter of a folder (after the first, a PiSSA adapter that
+    rewrites base weights, is in): base weights, trainable flags, adapters and the active list are exactly back."""
+    saved = mlp()
+    lorakit.attach(saved, AdapterConfig(r=2, targets=["0", "2"], init="pissa"), name="first")
+    lorakit.attach(saved, AdapterConfig(r=2, targets=["2"]), name="second")
+    randomise(saved, 4)
+    folder = lorakit.save(saved, tmp_path / "ad")
+    net = adapted(names=("pre",))
+    lorakit.set_trainable(net, "pre", True)
+    before = model_state(net)
+    real, calls = lkio.commit_plan, [0]
+
+    def flaky(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of a load
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lkio, "commit_plan", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        lorakit.load(net, folder, trainable=True)
+    assert calls[0] == 2
+    assert same_model_state(before, model_state(net))

@@ -437,8 +437,8 @@ def read_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torc
     if saved_id is not None and file_id is not None and saved_id != file_id:
         raise AdapterLoadError(
             f"{folder}: {WEIGHTS_FILE} and {CONFIG_FILE} come from different saves (save_id {file_id} vs "
-            f"{saved_id}): a save into this folder was interrupted between writing the two files. Save the adapter "
-            f"again (e.g. resume from an intact checkpoint)")
+            f"{saved_id}): a save into this folder was interrupted between writing the two files (or one file was "
+            f"copied in from another save). Save the adapter again (e.g. resume from an intact checkpoint)")
     return meta, tensors
 
 
