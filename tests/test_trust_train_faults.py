@@ -161,7 +161,7 @@ def test_sigkill_during_a_checkpoint_write_then_sigterm_then_resume(tmp_path, re
     writing = []
 
     def inside_the_write():
-        writing[:] = [p for p in out.glob(".ckpt-9.tmp-*") if (p / "state.json").exists()]
+        writing[:] = [p for p in out.glob(".ckpt-9.lorakit-tmp-*") if (p / "state.json").exists()]
         return bool(writing)
 
     wait_for(inside_the_write, proc)

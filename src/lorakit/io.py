@@ -77,20 +77,37 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _clean_stale(directory: Path, prefix: str) -> None:
-    """Remove temporaries named by lorakit for ``prefix`` in ``directory`` whose process (on this host) is gone."""
+def _clean_stale(directory: Path, prefix: str | None) -> list[Path]:
+    """Remove temporaries named by lorakit for ``prefix`` (None: any) in ``directory`` whose process (on this host)
+    is gone; returns what was removed."""
     try:
         entries = list(os.scandir(directory))
     except OSError:
-        return
+        return []
+    removed = []
     for entry in entries:
         m = _TMP_RE.fullmatch(entry.name)
-        if m and m["prefix"] == prefix and m["host"] == _HOST and not _pid_alive(int(m["pid"])):
+        if (m and (prefix is None or m["prefix"] == prefix) and m["host"] == _HOST
+                and not _pid_alive(int(m["pid"]))):
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that killed lorakit writes (of processes on this host that no longer run) left in
+    ``directory``; nothing else is touched. Returns the removed paths.
+
+    Example:
+        >>> import tempfile
+        >>> remove_stale_temporaries(tempfile.mkdtemp())
+        []
+    """
+    return _clean_stale(Path(directory), None)
 
 
 def _remove_tree(path: Path) -> None:

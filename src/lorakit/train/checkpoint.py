@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..io import _atomic_folder
+from ..io import remove_stale_temporaries as remove_stale_in
 
 TENSOR_MARK = "__tensor__"
 #: the parts every checkpoint has (written by the trainer)
@@ -178,15 +179,16 @@ def set_aside(folder: Path) -> Path:
     return target
 
 
-#: temporary folders of lorakit's atomic writes (io._atomic_folder) for checkpoints and the final adapter
-_STALE = re.compile(r"\.(ckpt-\d+|adapter)\.(tmp|old)-[A-Za-z0-9_]+")
+#: half-written temporary folders of lorakit 0.1.0's atomic writes for checkpoints and the final adapter (its
+#: ".old-" folders are left alone: one may hold the only copy of an adapter)
+_LEGACY_TMP = re.compile(r"\.(ckpt-\d+|adapter)\.tmp-[A-Za-z0-9_]+")
 
 
 def remove_stale_temporaries(output_dir: Path) -> list[Path]:
-    """Remove the temporary folders a killed run left in its output folder (only lorakit's own names)."""
-    removed = []
+    """Remove the temporaries a killed run left in its output folder (only lorakit's own names, of dead processes)."""
+    removed = remove_stale_in(output_dir) if Path(output_dir).is_dir() else []
     for p in Path(output_dir).iterdir() if Path(output_dir).is_dir() else []:
-        if p.is_dir() and not p.is_symlink() and _STALE.fullmatch(p.name):
+        if p.is_dir() and not p.is_symlink() and _LEGACY_TMP.fullmatch(p.name):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
