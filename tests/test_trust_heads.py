@@ -1,0 +1,326 @@
+"""Issue 11 items 7, 8, 12 (heads): every adapter owns its copy of each module it trains (``modules_to_save``).
+
+Each adapter's outputs are checked against a reference built by hand: a plain copy of the base model whose adapted
+weights get that adapter's ``s·B·A`` and whose head gets that adapter's head tensors.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lorakit
+from lorakit import AdapterConfig
+from lorakit.model import adapted_layers
+
+ATOL = 1e-5
+
+
+class Net(nn.Module):
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+X = torch.randn(5, 6, generator=torch.Generator().manual_seed(7))
+
+
+def train_steps(net: nn.Module, steps: int = 4, seed: int = 0) -> None:
+    """A few real optimiser steps on whatever is trainable (the adapter and its head copy)."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(5, 3, generator=g)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5)
+    net.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.mse_loss(net(X), target).backward()
+        opt.step()
+    net.eval()
+
+
+def snapshot(net: nn.Module, name: str) -> dict:
+    """What defines adapter ``name`` by hand: its deltas per layer and the head it trained (seen while active)."""
+    deltas = {}
+    for path, layer in adapted_layers(net):
+        if name in layer.adapters:
+            ad = layer.adapters[name]
+            deltas[path] = (ad.scaling * ad.B.detach() @ ad.A.detach()).clone()
+    return {"deltas": deltas, "head": {k: v.detach().clone() for k, v in (("weight", net.head.weight),
+                                                                           ("bias", net.head.bias))}}
+
+
+def reference(base: nn.Module, snap: dict, head: str = "head") -> nn.Module:
+    ref = copy.deepcopy(base)
+    with torch.no_grad():
+        for path, delta in snap["deltas"].items():
+            ref.get_submodule(path).weight.add_(delta)
+        for k, v in snap["head"].items():
+            getattr(ref.get_submodule(head), k).copy_(v)
+    return ref.eval()
+
+
+def two_heads():
+    """Base net plus an adapted copy with adapters a and b, each trained (body adapter and its own head)."""
+    base = Net().eval()
+    net = copy.deepcopy(base)
+    lorakit.attach(net, AdapterConfig(r=2, targets=["body.0", "body.2"], modules_to_save=["head"], seed=1), name="a")
+    train_steps(net, seed=1)
+    snap_a = snapshot(net, "a")
+    lorakit.attach(net, AdapterConfig(r=3, targets=["body.2"], modules_to_save=["head"], seed=2), name="b")
+    train_steps(net, seed=2)
+    snap_b = snapshot(net, "b")
+    assert not torch.allclose(snap_a["head"]["weight"], snap_b["head"]["weight"])
+    return base, net, snap_a, snap_b
+
+
+def out(net, x=X):
+    with torch.no_grad():
+        return net(x)
+
+
+# ---------------------------------------------------------------------------------------------- item 7
+def test_each_adapter_has_its_own_head_and_set_active_switches_heads():
+    base, net, snap_a, snap_b = two_heads()
+    ref_a, ref_b = reference(base, snap_a), reference(base, snap_b)
+    lorakit.set_active(net, "a")
+    torch.testing.assert_close(out(net), out(ref_a), atol=ATOL, rtol=0)  # training b left a's head alone
+    lorakit.set_active(net, "b")
+    torch.testing.assert_close(out(net), out(ref_b), atol=ATOL, rtol=0)
+    lorakit.set_active(net, "a")
+    torch.testing.assert_close(out(net), out(ref_a), atol=ATOL, rtol=0)
+    # code reading the head's attributes (transformers' get_output_embeddings().weight) sees the active adapter's
+    assert torch.equal(net.head.weight, snap_a["head"]["weight"])
+    assert net.head.out_features == 3
+
+
+def test_training_one_head_leaves_the_other_and_the_base_head_unchanged():
+    base, net, snap_a, snap_b = two_heads()
+    lorakit.set_active(net, "a")
+    lorakit.set_trainable(net, "b", False)
+    lorakit.set_trainable(net, "a", True)
+    trainable = [n for n, p in net.named_parameters() if p.requires_grad]
+    assert any("head" in n for n in trainable)
+    train_steps(net, seed=5)
+    lorakit.set_active(net, "b")
+    torch.testing.assert_close(out(net), out(reference(base, snap_b)), atol=0, rtol=0)
+    with lorakit.disabled(net):
+        assert torch.equal(out(net), out(base))
+
+
+def test_disabled_runs_the_original_head_exactly():
+    base, net, _, _ = two_heads()
+    for active in (["a"], ["b"]):
+        lorakit.set_active(net, active)
+        with lorakit.disabled(net):
+            assert torch.equal(out(net), out(base))
+            assert torch.equal(net.head.weight, base.head.weight)
+        assert not torch.equal(out(net), out(base))
+
+
+def test_route_gives_every_example_its_own_head():
+    base, net, snap_a, snap_b = two_heads()
+    names = ["a", "b", None, "b", "a"]
+    with lorakit.route(net, names):
+        got = out(net)
+    refs = {"a": out(reference(base, snap_a)), "b": out(reference(base, snap_b)), None: out(base)}
+    for i, n in enumerate(names):
+        torch.testing.assert_close(got[i], refs[n][i], atol=ATOL, rtol=0)
+
+
+def test_several_active_heads_are_refused_not_summed():
+    base, net, _, _ = two_heads()
+    lorakit.set_active(net, ["a", "b"])
+    with pytest.raises(ValueError, match=r"head.*\['a', 'b'\].*set_active"):
+        out(net)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"head.*set_active"):
+        lorakit.unload(net, merge=True)
+    assert lorakit.adapter_names(net) == ["a", "b"]  # refused before anything changed
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert before.keys() == net.state_dict().keys()
+
+
+def test_save_load_keeps_each_adapters_head(tmp_path):
+    base, net, snap_a, snap_b = two_heads()
+    folder = lorakit.save(net, tmp_path / "both")
+    fresh = lorakit.load(copy.deepcopy(base), folder)
+    for name, snap in (("a", snap_a), ("b", snap_b)):
+        lorakit.set_active(fresh, name)
+        torch.testing.assert_close(out(fresh), out(reference(base, snap)), atol=ATOL, rtol=0)
+    with lorakit.disabled(fresh):
+        assert torch.equal(out(fresh), out(base))
+    # one adapter of a multi-adapter folder, chosen by name
+    solo = lorakit.load(copy.deepcopy(base), folder, name="b")
+    torch.testing.assert_close(out(solo), out(reference(base, snap_b)), atol=ATOL, rtol=0)
+
+
+def test_restore_puts_saved_heads_back(tmp_path):
+    base, net, snap_a, snap_b = two_heads()
+    folder = lorakit.save(net, tmp_path / "ckpt")
+    lorakit.set_active(net, "a")
+    lorakit.set_trainable(net, "a")
+    train_steps(net, seed=9)  # moves a's head and body adapter away from the saved values
+    assert not torch.allclose(out(net), out(reference(base, snap_a)), atol=1e-3)
+    lorakit.io.restore(net, folder)
+    torch.testing.assert_close(out(net), out(reference(base, snap_a)), atol=ATOL, rtol=0)
+    lorakit.set_active(net, "b")
+    torch.testing.assert_close(out(net), out(reference(base, snap_b)), atol=ATOL, rtol=0)
+
+
+def test_delete_removes_the_adapters_head_and_restores_the_original_module():
+    base, net, snap_a, _ = two_heads()
+    original = net.head.original if hasattr(net.head, "original") else None
+    lorakit.delete(net, "b")
+    lorakit.set_active(net, "a")
+    torch.testing.assert_close(out(net), out(reference(base, snap_a)), atol=ATOL, rtol=0)
+    lorakit.delete(net, "a")
+    assert type(net.head) is nn.Linear and (original is None or net.head is original)
+    assert torch.equal(out(net), out(base))
+    assert dict(base.state_dict().items()).keys() == net.state_dict().keys()
+
+
+def test_unload_without_merge_gives_the_original_head():
+    base, net, _, _ = two_heads()
+    lorakit.set_active(net, "b")
+    plain = lorakit.unload(net, merge=False)
+    assert type(plain.head) is nn.Linear and type(plain.body[2]) is nn.Linear
+    assert torch.equal(out(plain), out(base))
+    assert plain.state_dict().keys() == base.state_dict().keys()
+
+
+def test_unload_with_merge_keeps_the_active_adapters_head():
+    base, net, _, snap_b = two_heads()
+    lorakit.set_active(net, "b")
+    plain = lorakit.unload(net, merge=True)
+    assert type(plain.head) is nn.Linear and type(plain.body[2]) is nn.Linear
+    torch.testing.assert_close(out(plain), out(reference(base, snap_b)), atol=ATOL, rtol=0)
+    assert plain.state_dict().keys() == base.state_dict().keys()
+
+
+def test_adapter_without_head_uses_the_original_head():
+    base, net, snap_a, _ = two_heads()
+    lorakit.attach(net, AdapterConfig(r=2, targets=["body.0"], seed=4), name="plain")
+    with torch.no_grad():
+        net.body[0].adapters["plain"].B.normal_()
+    snap = snapshot(net, "plain")
+    snap["head"] = {"weight": base.head.weight.detach(), "bias": base.head.bias.detach()}
+    torch.testing.assert_close(out(net), out(reference(base, snap)), atol=ATOL, rtol=0)
+    # a head adapter plus a body-only adapter: the one head applies, the deltas add
+    lorakit.set_active(net, ["a", "plain"])
+    both = {"deltas": dict(snap_a["deltas"]), "head": snap_a["head"]}
+    both["deltas"]["body.0"] = both["deltas"]["body.0"] + snap["deltas"]["body.0"]
+    torch.testing.assert_close(out(net), out(reference(base, both)), atol=ATOL, rtol=0)
+
+
+def test_head_copy_of_a_tied_output_embedding_leaves_the_tie_of_the_original():
+    from conftest import tiny_llama
+
+    model = tiny_llama(tie=True, layers=1)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    base_logits = model(torch.arange(1, 9)[None]).logits.detach()
+    lorakit.attach(model, AdapterConfig(r=2, targets=["q_proj"], modules_to_save=["lm_head"]), name="a")
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.1)  # the adapter's own (untied) copy
+    assert model.get_output_embeddings().weight is model.lm_head.weight
+    with lorakit.disabled(model):
+        assert torch.equal(model(torch.arange(1, 9)[None]).logits, base_logits)
+    plain = lorakit.unload(model, merge=False)
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight  # the original tie survives
+
+
+# ---------------------------------------------------------------------------------------------- old folders
+def test_folder_in_the_0_1_0_layout_loads_with_each_head(tmp_path):
+    """Keys ``<adapter>|module|<path>|<tensor>`` (written by 0.1.0 from the plain head) keep loading."""
+    base = Net().eval()
+    g = torch.Generator().manual_seed(11)
+    tensors, meta, snaps = {}, {"format": "lorakit", "version": 1, "adapters": {}}, {}
+    for name, r, layers in (("a", 2, ["body.0", "body.2"]), ("b", 3, ["body.2"])):
+        cfg = AdapterConfig(r=r, alpha=2 * r, targets=layers, modules_to_save=["head"])
+        snap = {"deltas": {}, "head": {"weight": torch.randn(3, 8, generator=g), "bias": torch.randn(3, generator=g)}}
+        for path in layers:
+            fan_in = base.get_submodule(path).in_features
+            a, b = torch.randn(r, fan_in, generator=g), torch.randn(8, r, generator=g)
+            tensors[f"{name}|layer|{path}|A"], tensors[f"{name}|layer|{path}|B"] = a, b
+            snap["deltas"][path] = 2.0 * b @ a
+        for k, v in snap["head"].items():
+            tensors[f"{name}|module|head|{k}"] = v
+        meta["adapters"][name] = {"config": cfg.to_dict(), "layers": layers, "modules_to_save": ["head"], "extra": {}}
+        snaps[name] = snap
+    folder = tmp_path / "old"
+    folder.mkdir()
+    save_file(tensors, str(folder / "lorakit_weights.safetensors"), metadata={"format": "lorakit"})
+    (folder / "lorakit_config.json").write_text(json.dumps(meta))
+    net = lorakit.load(copy.deepcopy(base), folder)
+    for name in ("a", "b"):
+        lorakit.set_active(net, name)
+        torch.testing.assert_close(out(net), out(reference(base, snaps[name])), atol=ATOL, rtol=0)
+    # and today's save writes exactly the same keys
+    again = load_file(str(lorakit.save(net, tmp_path / "new") / "lorakit_weights.safetensors"))
+    assert sorted(again) == sorted(tensors)
+    assert all(torch.equal(again[k], tensors[k]) for k in tensors)
+
+
+# ---------------------------------------------------------------------------------------------- item 12 (part)
+def test_failed_multi_adapter_load_leaves_every_head_unchanged(tmp_path):
+    base, net, snap_a, snap_b = two_heads()
+    folder = lorakit.save(net, tmp_path / "both")
+    sd = load_file(str(folder / "lorakit_weights.safetensors"))
+    sd["b|module|head|weight"] = sd["b|module|head|weight"][:, :-1].contiguous()  # broken second adapter
+    save_file(sd, str(folder / "lorakit_weights.safetensors"))
+
+    target = copy.deepcopy(base)
+    lorakit.attach(target, AdapterConfig(r=2, targets=["body.0"], modules_to_save=["head"]), name="x")
+    train_steps(target, seed=3)
+    state = {k: v.clone() for k, v in target.state_dict().items()}
+    before = out(target)
+    with pytest.raises(lorakit.AdapterLoadError, match="head"):
+        lorakit.load(target, folder)
+    assert lorakit.adapter_names(target) == ["x"]
+    assert state.keys() == target.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in target.state_dict().items())
+    assert torch.equal(out(target), before)
+    with lorakit.disabled(target):
+        assert torch.equal(out(target), out(base))
+    # on a model without adapters the original head stays the original module
+    fresh = copy.deepcopy(base)
+    head = fresh.head
+    with pytest.raises(lorakit.AdapterLoadError):
+        lorakit.load(fresh, folder)
+    assert fresh.head is head and torch.equal(out(fresh), out(base))
+
+
+# ---------------------------------------------------------------------------------------------- item 8
+def test_unload_without_merge_after_merge_gives_the_original_model():
+    base, net, _, _ = two_heads()
+    lorakit.set_active(net, "b")
+    lorakit.merge(net)
+    plain = lorakit.unload(net, merge=False)
+    assert type(plain.body[2]) is nn.Linear
+    torch.testing.assert_close(out(plain), out(base), atol=1e-6, rtol=0)
+    for k, v in base.state_dict().items():
+        torch.testing.assert_close(plain.state_dict()[k], v, atol=1e-6, rtol=0)
+
+
+def test_unload_without_merge_after_merge_plain_mlp():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    net = copy.deepcopy(base)
+    lorakit.attach(net, AdapterConfig(r=2, targets=["0", "2"]))
+    with torch.no_grad():
+        for _, layer in adapted_layers(net):
+            layer.adapters["default"].B.normal_()
+    lorakit.merge(net)
+    plain = lorakit.unload(net, merge=False)
+    torch.testing.assert_close(plain[0].weight, base[0].weight, atol=1e-6, rtol=0)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(out(plain, x), out(base, x), atol=1e-6, rtol=0)
