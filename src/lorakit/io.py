@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .layers import AdaptedLayer
-from .model import _registry, adapted_layers, build_plan, commit_plan, delete, registry, set_active
+from .model import _registry, adapted_layers, build_plan, commit_plan, delete, registry, saved_copy, set_active
 
 CONFIG_FILE = "lorakit_config.json"
 WEIGHTS_FILE = "lorakit_weights.safetensors"
@@ -84,8 +84,8 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     if name in reg.shared:
         for tname, t in reg.shared[name].state_dict().items():
             out[_key(name, "shared", "", tname)] = t
-    for mpath in reg.modules_to_save.get(name, []):
-        for tname, t in model.get_submodule(mpath).state_dict().items():
+    for mpath in reg.modules_to_save.get(name, []):  # the adapter's own copy, under the original's path
+        for tname, t in saved_copy(model, mpath, name).state_dict().items():
             out[_key(name, "module", mpath, tname)] = t
     return out
 
@@ -255,10 +255,9 @@ def _load_one(model: nn.Module, entry: dict[str, Any], tensors: dict[str, torch.
     if plan.shared is not None:
         for tname in plan.shared.state_dict():
             expected[SEP.join(("shared", "", tname))] = (plan.shared, tname, "")
-    for mpath in plan.modules_to_save:
-        module = model.get_submodule(mpath)
-        for tname in module.state_dict():
-            expected[SEP.join(("module", mpath, tname))] = (module, tname, mpath)
+    for mpath, _, _, own in plan.copies:  # the new adapter's copies, built on the side
+        for tname in own.state_dict():
+            expected[SEP.join(("module", mpath, tname))] = (own, tname, mpath)
     missing = sorted(set(expected) - set(mine))
     unexpected = sorted(set(mine) - set(expected))
     if missing or unexpected:
@@ -276,13 +275,12 @@ def _load_one(model: nn.Module, entry: dict[str, Any], tensors: dict[str, torch.
         adapter.import_state({t: mine[SEP.join(("layer", path, t))] for t in adapter.export_state()})
     if plan.shared is not None:
         plan.shared.load_state_dict({t: mine[SEP.join(("shared", "", t))] for t in plan.shared.state_dict()})
+    for mpath, _, _, own in plan.copies:
+        own.load_state_dict({t: mine[SEP.join(("module", mpath, t))] for t in own.state_dict()})
     plan.entries = [
         (path, layer, is_new, adapter, _shifted_base(layer, adapter)) for path, layer, is_new, adapter, _ in plan.entries
     ]
     commit_plan(model, plan, make_active=False, trainable=trainable)
-    for mpath in plan.modules_to_save:
-        module = model.get_submodule(mpath)
-        module.load_state_dict({t: mine[SEP.join(("module", mpath, t))] for t in module.state_dict()})
     registry(model).extra[new_name] = dict(entry.get("extra", {}))
 
 
@@ -337,6 +335,6 @@ def restore(model: nn.Module, path: str | os.PathLike) -> None:
             reg.shared[name].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         for mpath in reg.modules_to_save.get(name, []):
             prefix = SEP.join((name, "module", mpath, ""))
-            model.get_submodule(mpath).load_state_dict(
+            saved_copy(model, mpath, name).load_state_dict(
                 {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         reg.extra[name] = dict(entry.get("extra", {}))
