@@ -327,3 +327,25 @@ def test_unload_without_merge_after_merge_plain_mlp():
     torch.testing.assert_close(plain[0].weight, base[0].weight, atol=1e-6, rtol=0)
     x = torch.randn(3, 6)
     torch.testing.assert_close(out(plain, x), out(base, x), atol=1e-6, rtol=0)
+
+
+def test_lora_drop_stage_two_continues_the_stage_one_head():
+    """run_lora_drop re-attaches its adapter for stage 2; the head trained in stage 1 must carry over with it."""
+    net = Net().eval()
+    data = [(X[i], torch.randn(3, generator=torch.Generator().manual_seed(i))) for i in range(5)]
+    seen = []
+
+    def train(model, examples):
+        seen.append(model.head.weight.detach().clone())  # the head this stage starts from
+        if len(seen) == 1:
+            train_steps(model, seed=8)
+            seen.append(model.head.weight.detach().clone())  # the head stage 1 ends with
+
+    cfg = AdapterConfig(method="lora_drop", r=2, drop_fraction=0.5, drop_top_n=1, seed=0, targets=["body.0", "body.2"],
+                        modules_to_save=["head"])
+    lorakit.run_lora_drop(net, cfg, data, train)
+    start1, end1, start2 = seen
+    assert not torch.equal(start1, end1)
+    assert torch.equal(start2, end1)
+    with lorakit.disabled(net):
+        assert torch.equal(net.head.weight, start1)

@@ -385,7 +385,7 @@ def load_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None
     for saved, new in chosen:
         cfg, tensors = read_peft_folder(found[saved])
         prepared.append((new, found[saved], *peft_to_lorakit(cfg, tensors, model, found[saved])))
-    snapshot = _snapshot(model, [mpath for *_, entry, _ in prepared for mpath in entry["modules_to_save"]])
+    snapshot = _snapshot(model)  # modules_to_save need none: a load only adds its own copies, which delete removes
     done: list[str] = []
     try:
         for new, sub, entry, flat in prepared:
@@ -405,22 +405,18 @@ def load_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None
     return model
 
 
-def _snapshot(model: nn.Module, module_paths: list[str]) -> dict[str, Any]:
-    """What a load changes besides adding adapters: modules_to_save weights, trainable flags, active adapters."""
+def _snapshot(model: nn.Module) -> dict[str, Any]:
+    """What a load changes besides adding adapters: trainable flags, active adapters."""
     from .model import _registry
 
     reg = _registry(model)
-    return {"modules": {p: {k: v.detach().clone() for k, v in model.get_submodule(p).state_dict().items()}
-                        for p in module_paths},
-            "grad": [(p, p.requires_grad) for p in model.parameters()],
+    return {"grad": [(p, p.requires_grad) for p in model.parameters()],
             "active": list(reg.active) if reg is not None else None}
 
 
 def _restore(model: nn.Module, snap: dict[str, Any]) -> None:
     from .model import _registry
 
-    for mpath, state in snap["modules"].items():
-        model.get_submodule(mpath).load_state_dict(state)
     for p, flag in snap["grad"]:
         p.requires_grad_(flag)
     reg = _registry(model)
