@@ -349,3 +349,26 @@ def test_lora_drop_stage_two_continues_the_stage_one_head():
     assert torch.equal(start2, end1)
     with lorakit.disabled(net):
         assert torch.equal(net.head.weight, start1)
+
+
+def test_save_quantized_keeps_the_original_head_as_base_and_the_copy_in_the_adapter(tmp_path):
+    from lorakit.quant import load_quantized, quantize, save_quantized
+
+    def fresh():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3))
+
+    model = quantize(fresh(), compute_dtype=torch.float32, skip=("2",))
+    lorakit.attach(model, AdapterConfig(r=2, targets=["0"], modules_to_save=["2"], seed=0))
+    with torch.no_grad():
+        model[0].adapters["default"].B.normal_()
+        model[2].weight.add_(1.0)  # the adapter's copy of the head
+    x = torch.randn(4, 64)
+    ref = out(model, x)
+    with lorakit.disabled(model):
+        base_ref = out(model, x)
+    save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(fresh(), tmp_path / "q")
+    torch.testing.assert_close(out(loaded, x), ref, atol=1e-6, rtol=0)
+    with lorakit.disabled(loaded):
+        torch.testing.assert_close(out(loaded, x), base_ref, atol=1e-6, rtol=0)
