@@ -372,3 +372,63 @@ def test_save_quantized_keeps_the_original_head_as_base_and_the_copy_in_the_adap
     torch.testing.assert_close(out(loaded, x), ref, atol=1e-6, rtol=0)
     with lorakit.disabled(loaded):
         torch.testing.assert_close(out(loaded, x), base_ref, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- clear refusals
+def _state(net):
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_only_the_new_adapters_copy_trains_and_counts_as_its_own():
+    base, net, _, _ = two_heads()
+    trainable = sorted(n for n, p in net.named_parameters() if p.requires_grad)
+    assert trainable == ["body.2.adapters.b.A", "body.2.adapters.b.B", "head.copies.b.bias", "head.copies.b.weight"]
+    assert lorakit.trainable_parameters(net)[0] == 3 * 8 + 8 * 3 + 3 * 8 + 3
+    report = lorakit.parameter_report(net).splitlines()
+    row_b = next(line for line in report if line.startswith("b "))
+    assert f"{3 * 8 + 8 * 3 + 3 * 8 + 3:,}" in row_b  # b's body adapter plus its head copy
+    assert f"base model parameters: {sum(p.numel() for p in base.parameters()):,}" in report[-1]
+
+
+def test_head_and_adapted_layer_conflicts_are_refused_before_changes():
+    base, net, _, _ = two_heads()
+    before, names = _state(net), lorakit.adapter_names(net)
+    with pytest.raises(ValueError, match=r"head is trained whole by adapter\(s\) \['a', 'b'\]"):
+        lorakit.attach(net, AdapterConfig(r=2, targets=["head"]), name="c")
+    with pytest.raises(ValueError, match=r"body\.2 is adapted by adapter\(s\) \['a', 'b'\]"):
+        lorakit.attach(net, AdapterConfig(r=2, targets=["body.0"], modules_to_save=["body.2"]), name="c")
+    assert lorakit.adapter_names(net) == names and _same(before, _state(net))
+    other = lorakit.attach(Net(), AdapterConfig(r=2, targets=["body.0"]), name="a")
+    before = _state(other)
+    with pytest.raises(ValueError, match=r"body holds adapted or saved modules \(body\.0\)"):
+        lorakit.attach(other, AdapterConfig(r=2, targets=["head"], modules_to_save=["body"]), name="c")
+    assert lorakit.adapter_names(other) == ["a"] and _same(before, _state(other))
+
+
+def test_targets_inside_a_module_saved_whole_are_left_alone():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+    lorakit.attach(net, AdapterConfig(r=2, targets=r"\d+(\.\d+)?", modules_to_save=["1"]))
+    assert [p for p, _ in adapted_layers(net)] == ["0"]
+    assert type(net[1]).__name__ == "ModuleCopies"
+
+
+def test_combine_refuses_adapters_with_their_own_heads():
+    _, net, _, _ = two_heads()
+    before = _state(net)
+    with pytest.raises(ValueError, match=r"combine\(\) cannot mix adapters that train whole modules"):
+        lorakit.combine(net, {"a": 0.5, "b": 0.5}, name="mix")
+    assert lorakit.adapter_names(net) == ["a", "b"] and _same(before, _state(net))
+
+
+def test_delete_one_of_two_owners_keeps_the_other_head():
+    base, net, snap_a, snap_b = two_heads()
+    lorakit.delete(net, "a")
+    assert lorakit.active_adapters(net) == ["b"]
+    torch.testing.assert_close(out(net), out(reference(base, snap_b)), atol=ATOL, rtol=0)
+    with lorakit.disabled(net):
+        assert torch.equal(out(net), out(base))

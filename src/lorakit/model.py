@@ -265,7 +265,7 @@ def _saved_copy_plan(model: nn.Module, path: str) -> tuple[str, ModuleCopies, bo
     if isinstance(module, AdaptedLayer):
         raise ValueError(f"modules_to_save: {path} is adapted by adapter(s) {list(module.adapters)}; a module cannot "
                          "be both adapted and trained whole (drop it from modules_to_save or delete those adapters)")
-    inner = [p for p, m in module.named_modules() if p and isinstance(m, (AdaptedLayer, ModuleCopies))]
+    inner = [f"{path}.{p}" for p, m in module.named_modules() if p and isinstance(m, (AdaptedLayer, ModuleCopies))]
     if inner:
         raise ValueError(f"modules_to_save: {path} holds adapted or saved modules ({_short_list(inner, 4)}); "
                          "a module trained whole cannot contain them (exclude them from targets)")
