@@ -130,3 +130,35 @@ def test_peft_multi_adapter_folder_with_a_head_per_adapter(tmp_path):
         torch.testing.assert_close(logits(ours), expected[name], atol=ATOL, rtol=0)
     with lorakit.disabled(ours):
         assert torch.equal(logits(ours), logits(base))
+
+
+def test_peft_head_with_submodules_loads_as_one_copy(tmp_path):
+    """Roberta's classifier is a module with children (dense, out_proj): PEFT saves ``classifier.dense.weight``..."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    base = RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=40, num_labels=3)).eval()
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["query"],
+                                                        modules_to_save=["classifier"]))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.eval()
+    ids = IDS.clamp(min=3)
+    expected = logits(pm, ids)
+    pm.save_pretrained(tmp_path / "roberta")
+    ours = lorakit.load(copy.deepcopy(base), tmp_path / "roberta")
+    torch.testing.assert_close(logits(ours, ids), expected, atol=ATOL, rtol=0)
+    with lorakit.disabled(ours):
+        assert torch.equal(logits(ours, ids), logits(base, ids))
+    # and written back in PEFT's layout, PEFT reads it with the same outputs
+    from peft import PeftModel
+
+    folder = lorakit.save(ours, tmp_path / "again", format="peft")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+    torch.testing.assert_close(logits(theirs, ids), expected, atol=ATOL, rtol=0)

@@ -152,11 +152,14 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
     mts_names = list(cfg.get("modules_to_save") or [])
     module_paths: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in leftovers.items():
-        mod, _, tname = key.rpartition(".")
-        if not any(mod == m or mod.endswith("." + m) for m in mts_names):
+        # the outermost module on the key's path that modules_to_save names (a head may have children)
+        parts = key.split(".")
+        cut = next((i for i in range(1, len(parts))
+                    if any(".".join(parts[:i]) == m or ".".join(parts[:i]).endswith("." + m) for m in mts_names)), None)
+        if cut is None:
             raise PeftFormatError(f"{folder}: unexpected tensor {key!r} (neither an adapter tensor nor part of "
                                   f"modules_to_save {mts_names})")
-        module_paths.setdefault(mod, {})[tname] = t
+        module_paths.setdefault(".".join(parts[:cut]), {})[".".join(parts[cut:])] = t
 
     translate = {"lora": _lora_layers, "dora": _lora_layers, "vera": _vera_layers, "adalora": _adalora_layers}
     config_kwargs, layer_tensors, shared_tensors = translate[method](cfg, layers, shared, model, folder)
