@@ -4,7 +4,8 @@ Layout of a lorakit adapter folder::
 
     lorakit_config.json          {"format": "lorakit", "version": 1, "adapters": {name: {config, layers, ...}}}
     lorakit_weights.safetensors  keys "<adapter>|layer|<layer path>|<tensor>", "<adapter>|shared||<tensor>",
-                                 "<adapter>|module|<module path>|<tensor>" (modules_to_save)
+                                 "<adapter>|module|<module path>|<tensor>" (the adapter's own copy of
+                                 each modules_to_save module, under the original module's path)
 
 Writes go to a temporary folder that replaces the target in one rename, so a crash never leaves half a save.
 A folder holding PEFT's ``adapter_config.json`` is read and written by :mod:`lorakit.peft_format`.

@@ -319,8 +319,9 @@ def commit_plan(model: nn.Module, plan: _Plan, make_active: bool = True, trainab
 def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.Module:
     """Attach a new adapter to ``model`` in place and return the model.
 
-    The new adapter becomes the active one and the only trainable parameters (plus ``modules_to_save``); all
-    other parameters are frozen. Raises, leaving the model untouched, if nothing matches, the name is taken, or a
+    The new adapter becomes the active one and the only trainable parameters, with its own copies of the modules
+    in ``modules_to_save`` (each adapter trains its own copy; the original module stays frozen and unchanged, see
+    :class:`lorakit.layers.ModuleCopies`); all other parameters are frozen. Raises, leaving the model untouched, if nothing matches, the name is taken, or a
     targeted layer is unsupported.
 
     Example:
