@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .layers import AdaptedLayer
-from .model import _registry, adapted_layers, build_plan, commit_plan, delete, registry, saved_copy, set_active
+from .model import _registry, adapted_layers, build_plan, commit_plan, delete, registry, set_active
 
 CONFIG_FILE = "lorakit_config.json"
 WEIGHTS_FILE = "lorakit_weights.safetensors"
@@ -76,6 +76,8 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """Every tensor of adapter ``name`` under its save key (layers, shared state, modules_to_save)."""
+    from .model import saved_copy
+
     reg = registry(model)
     out: dict[str, torch.Tensor] = {}
     for path, layer in adapted_layers(model):
@@ -304,6 +306,8 @@ def restore(model: nn.Module, path: str | os.PathLike) -> None:
     Keys and shapes are checked before anything changes; base-weight shifts (PiSSA, Delta-LoRA) are moved from
     the current value to the saved one.
     """
+    from .model import saved_copy
+
     meta, tensors = read_folder(path)
     reg = registry(model)
     for name in meta["adapters"]:

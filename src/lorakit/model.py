@@ -95,6 +95,11 @@ def _full_regex(pattern: str, path: str) -> bool:
         return False
 
 
+def _ancestors(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
 def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Named modules of the original model: adapters' internals and the registry are skipped."""
     skip: list[str] = []
@@ -160,11 +165,6 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
     return found
 
 
-def _ancestors(path: str) -> list[str]:
-    parts = path.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
-
-
 def adaptable_names(model: nn.Module) -> list[str]:
     """Paths of every module that could be adapted (used in error messages)."""
     return [p for p, m in _candidate_modules(model) if p and (isinstance(m, AdaptedLayer) or is_adaptable(m))]
@@ -193,9 +193,9 @@ class _Plan:
     shared: nn.Module | None
     entries: list[tuple[str, AdaptedLayer, bool, Adapter, Any]] = field(default_factory=list)
     # (path, layer, layer_is_new, adapter, init_result)
-    modules_to_save: list[str] = field(default_factory=list)
     copies: list[tuple[str, ModuleCopies, bool, nn.Module]] = field(default_factory=list)
-    # (path, wrapper, wrapper_is_new, this adapter's copy)
+    # (path, wrapper of a modules_to_save module, wrapper_is_new, this adapter's copy)
+    modules_to_save: list[str] = field(default_factory=list)
 
 
 def _parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -220,11 +220,11 @@ def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = 
         )
     resolved = []
     for path, module in targets:
-        if path == "":
-            raise ValueError("cannot adapt the root module itself; wrap it, e.g. nn.Sequential(layer)")
         if isinstance(module, ModuleCopies):
             raise ValueError(f"{path} is trained whole by adapter(s) {list(module.copies)} (modules_to_save), so it "
                              "cannot also be adapted; exclude it from targets")
+        if path == "":
+            raise ValueError("cannot adapt the root module itself; wrap it, e.g. nn.Sequential(layer)")
         base = module.base if isinstance(module, AdaptedLayer) else module
         try:
             ops = module.ops if isinstance(module, AdaptedLayer) else ops_for(base)
@@ -247,8 +247,8 @@ def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = 
     reg = reg if reg is not None else AdapterRegistry()
     shared = method.make_shared(config, [(p, ops) for p, _, ops in resolved], name,
                                 existing=None)
-    plan = _Plan(name=name, config=config, registry=reg, new_registry=new_registry, shared=shared,
-                 modules_to_save=mts, copies=copies)
+    plan = _Plan(name=name, config=config, registry=reg, new_registry=new_registry, shared=shared, copies=copies,
+                 modules_to_save=sorted(set(mts)))
     for path, module, ops in resolved:
         is_new = not isinstance(module, AdaptedLayer)
         layer = AdaptedLayer(module).train(module.training) if is_new else module
@@ -457,18 +457,18 @@ def delete(model: nn.Module, name: str) -> None:
         if not layer.adapters:
             parent, child = _parent_of(model, path)
             setattr(parent, child, layer.base)
-    for path, wrapper in list(saved_modules(model)):
-        if name in wrapper.copies:
-            wrapper.remove(name)
-        if not wrapper.copies:
-            parent, child = _parent_of(model, path)
-            setattr(parent, child, wrapper.original)
     del reg.configs[name]
     reg.layers.pop(name, None)
     reg.modules_to_save.pop(name, None)
     reg.extra.pop(name, None)
     reg.shared.pop(name, None)
     reg.active = [n for n in reg.active if n != name]
+    for path, wrapper in list(saved_modules(model)):
+        if name in wrapper.copies:
+            wrapper.remove(name)
+        if not wrapper.copies:  # no adapter trains it any more: the original module object goes back
+            parent, child = _parent_of(model, path)
+            setattr(parent, child, wrapper.original)
     if not reg.configs:
         del model.__dict__[REGISTRY_ATTR]
 
@@ -506,10 +506,12 @@ def unmerge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove every lorakit object and return the model with its original module types.
 
-    ``merge=True`` first merges the active adapters, so the returned plain model computes the adapted function;
-    a module trained whole (``modules_to_save``) is replaced by the active adapter's copy (refused, before anything
-    changes, if several active adapters own one). ``merge=False`` returns the original base model: merged adapters
-    are unmerged, base-weight shifts such as PiSSA's residual are undone, and original modules are put back.
+    ``merge=True`` first merges the active adapters, so the returned plain model computes the adapted function.
+    ``merge=False`` returns the original base model (base-weight shifts such as PiSSA's residual are undone).
+
+    With ``merge=False`` adapters merged earlier are unmerged first, so their deltas leave the weights too. A module
+    trained whole (``modules_to_save``) is replaced by the active adapter's copy with ``merge=True`` (refused,
+    before anything changes, if several active adapters own one), by its original module with ``merge=False``.
 
     Example:
         >>> import torch, lorakit

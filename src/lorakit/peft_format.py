@@ -42,7 +42,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .io import SEP, AdapterLoadError, _atomic_folder, _load_one
-from .model import adapted_layers, registry, saved_copy, set_active
+from .model import adapted_layers, registry, set_active
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -473,6 +473,8 @@ def _layer_entries(model: nn.Module, name: str):
 
 
 def _module_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    from .model import saved_copy
+
     out = {}
     for mpath in registry(model).modules_to_save.get(name, []):  # the adapter's own copy, under PEFT's key
         for tname, t in saved_copy(model, mpath, name).state_dict().items():
