@@ -441,7 +441,10 @@ class ModuleCopies(nn.Module):
     forward would run now, so code such as transformers' ``get_output_embeddings().weight`` keeps working.
 
     A copy owns its tensors: when the original shares its weight with another module (an output head tied to the
-    input embeddings), the original stays tied and untouched, and each adapter's copy is untied from it.
+    input embeddings), the original stays tied and untouched, and each adapter's copy is untied from it (two tied
+    modules both in ``modules_to_save`` get two independent copies). ``lorakit.unload(merge=True)`` puts the active
+    adapter's copy in place, so the plain model holds a head of its own (transformers loads such a saved model
+    untied, as the two tensors differ).
     """
 
     def __init__(self, original: nn.Module):
