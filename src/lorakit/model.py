@@ -321,8 +321,8 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
 
     The new adapter becomes the active one and the only trainable parameters, with its own copies of the modules
     in ``modules_to_save`` (each adapter trains its own copy; the original module stays frozen and unchanged, see
-    :class:`lorakit.layers.ModuleCopies`); all other parameters are frozen. Raises, leaving the model untouched, if nothing matches, the name is taken, or a
-    targeted layer is unsupported.
+    :class:`lorakit.layers.ModuleCopies`); all other parameters are frozen. Raises, leaving the model untouched,
+    if nothing matches, the name is taken, or a targeted layer is unsupported.
 
     Example:
         >>> import torch, lorakit
