@@ -58,13 +58,14 @@ def test_default_rates_b_high_everything_else_base():
     assert lrs == {
         "emb.adapters.default.A": LR, "emb.adapters.default.B": LR,  # embedding adapter: embedding_lr = lr
         "lin.adapters.default.A": LR, "lin.adapters.default.B": LR * RATIO,
-        "norm.weight": LR, "norm.bias": LR,  # modules_to_save LayerNorm
-        "head.weight": LR, "head.bias": LR,  # modules_to_save head
+        "norm.copies.default.weight": LR, "norm.copies.default.bias": LR,  # modules_to_save LayerNorm
+        "head.copies.default.weight": LR, "head.copies.default.bias": LR,  # modules_to_save head
     }
     # biases and normalisation weights never decay; everything else gets weight_decay
     assert decays(net, groups) == {
         "emb.adapters.default.A": WD, "emb.adapters.default.B": WD, "lin.adapters.default.A": WD,
-        "lin.adapters.default.B": WD, "norm.weight": 0.0, "norm.bias": 0.0, "head.weight": WD, "head.bias": 0.0,
+        "lin.adapters.default.B": WD, "norm.copies.default.weight": 0.0, "norm.copies.default.bias": 0.0,
+        "head.copies.default.weight": WD, "head.copies.default.bias": 0.0,
     }
     # only trainable tensors, each exactly once
     ids = [id(p) for g in groups for p in g["params"]]
@@ -78,7 +79,8 @@ def test_peft_compatible_switch_gives_every_1d_tensor_the_high_rate():
     assert lrs == {
         "emb.adapters.default.A": 1e-6, "emb.adapters.default.B": 1e-6,
         "lin.adapters.default.A": LR, "lin.adapters.default.B": LR * RATIO,
-        "norm.weight": LR * RATIO, "norm.bias": LR * RATIO, "head.weight": LR, "head.bias": LR * RATIO,
+        "norm.copies.default.weight": LR * RATIO, "norm.copies.default.bias": LR * RATIO,
+        "head.copies.default.weight": LR, "head.copies.default.bias": LR * RATIO,
     }
 
 
@@ -178,7 +180,7 @@ def _peft_key(name):
 
 
 def _ours_key(name):
-    return name.split(".adapters.")[0].replace(".base.", ".")
+    return name.split(".adapters.")[0].replace(".base.", ".").replace(".copies.default.", ".")
 
 
 def _table(model, groups, key):

@@ -4,7 +4,8 @@ Layout of a lorakit adapter folder::
 
     lorakit_config.json          {"format": "lorakit", "version": 1, "adapters": {name: {config, layers, ...}}}
     lorakit_weights.safetensors  keys "<adapter>|layer|<layer path>|<tensor>", "<adapter>|shared||<tensor>",
-                                 "<adapter>|module|<module path>|<tensor>" (modules_to_save)
+                                 "<adapter>|module|<module path>|<tensor>" (the adapter's own copy of
+                                 each modules_to_save module, under the original module's path)
 
 Saving never deletes what lorakit did not write: a new folder appears in one rename; into an existing folder each of
 lorakit's files is replaced by its own atomic rename (weights first, config last) and every other file stays. Both
@@ -315,6 +316,8 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """Every tensor of adapter ``name`` under its save key (layers, shared state, modules_to_save)."""
+    from .model import saved_copy
+
     reg = registry(model)
     out: dict[str, torch.Tensor] = {}
     for path, layer in adapted_layers(model):
@@ -324,8 +327,8 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     if name in reg.shared:
         for tname, t in reg.shared[name].state_dict().items():
             out[_key(name, "shared", "", tname)] = t
-    for mpath in reg.modules_to_save.get(name, []):
-        for tname, t in model.get_submodule(mpath).state_dict().items():
+    for mpath in reg.modules_to_save.get(name, []):  # the adapter's own copy, under the original's path
+        for tname, t in saved_copy(model, mpath, name).state_dict().items():
             out[_key(name, "module", mpath, tname)] = t
     return out
 
@@ -639,10 +642,9 @@ def _prepare_one(model: nn.Module, entry: dict[str, Any], tensors: dict[str, tor
     if plan.shared is not None:
         for tname in plan.shared.state_dict():
             expected[SEP.join(("shared", "", tname))] = (plan.shared, tname, "")
-    for mpath in plan.modules_to_save:
-        module = model.get_submodule(mpath)
-        for tname in module.state_dict():
-            expected[SEP.join(("module", mpath, tname))] = (module, tname, mpath)
+    for mpath, _, _, own in plan.copies:  # the new adapter's copies, built on the side
+        for tname in own.state_dict():
+            expected[SEP.join(("module", mpath, tname))] = (own, tname, mpath)
     missing = sorted(set(expected) - set(mine))
     unexpected = sorted(set(mine) - set(expected))
     if missing or unexpected:
@@ -675,6 +677,8 @@ def _load_one(model: nn.Module, entry: dict[str, Any], tensors: dict[str, torch.
         adapter.import_state({t: mine[SEP.join(("layer", path, t))] for t in adapter.export_state()})
     if plan.shared is not None:
         plan.shared.load_state_dict({t: mine[SEP.join(("shared", "", t))] for t in plan.shared.state_dict()})
+    for mpath, _, _, own in plan.copies:
+        own.load_state_dict({t: mine[SEP.join(("module", mpath, t))] for t in own.state_dict()})
     plan.entries = [
         (path, layer, is_new, adapter, _shifted_base(layer, adapter)) for path, layer, is_new, adapter, _ in plan.entries
     ]
@@ -682,9 +686,6 @@ def _load_one(model: nn.Module, entry: dict[str, Any], tensors: dict[str, torch.
         snapshot["weights"].extend((layer, layer.ops.weight_matrix().clone())
                                    for _, layer, _, _, shifted in plan.entries if shifted is not None)
     commit_plan(model, plan, make_active=False, trainable=trainable)
-    for mpath in plan.modules_to_save:
-        module = model.get_submodule(mpath)
-        module.load_state_dict({t: mine[SEP.join(("module", mpath, t))] for t in module.state_dict()})
     registry(model).extra[new_name] = dict(entry.get("extra", {}))
 
 
@@ -708,6 +709,8 @@ def restore(model: nn.Module, path: str | os.PathLike) -> None:
     from the current value to the saved one. Adapters merged into the base weights are refused (ValueError): new
     values under a merged delta would make ``unmerge`` subtract the wrong delta and corrupt the base.
     """
+    from .model import saved_copy
+
     meta, tensors = read_folder(path)
     reg = registry(model)
     merged = sorted({n for _, layer in adapted_layers(model) for n in layer.merged if n in meta["adapters"]})
@@ -746,6 +749,6 @@ def restore(model: nn.Module, path: str | os.PathLike) -> None:
             reg.shared[name].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         for mpath in reg.modules_to_save.get(name, []):
             prefix = SEP.join((name, "module", mpath, ""))
-            model.get_submodule(mpath).load_state_dict(
+            saved_copy(model, mpath, name).load_state_dict(
                 {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         reg.extra[name] = dict(entry.get("extra", {}))

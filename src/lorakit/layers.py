@@ -429,6 +429,104 @@ class AdaptedLayer(nn.Module):
         return f"adapters={list(self.adapters)}, active={self.active}, merged={self.merged}"
 
 
+class ModuleCopies(nn.Module):
+    """A module that adapters train whole (``modules_to_save``): the original, untouched and frozen, plus one
+    copy per adapter that trains it. Put in place of the module by :func:`lorakit.attach`; removed by
+    :func:`lorakit.delete` (with the last copy) and :func:`lorakit.unload`.
+
+    Forward runs the copy of the active adapter that owns one, else the original (also inside
+    :func:`lorakit.disabled`). Several active adapters owning a copy are refused: two heads have no meaningful sum.
+    In a :func:`lorakit.route` batch every example runs through its own adapter's copy (``None``: the original);
+    the module's first argument must then be batch-first. Attribute reads (``wrapper.weight``) go to the module a
+    forward would run now, so code such as transformers' ``get_output_embeddings().weight`` keeps working.
+
+    A copy owns its tensors: when the original shares its weight with another module (an output head tied to the
+    input embeddings), the original stays tied and untouched, and each adapter's copy is untied from it (two tied
+    modules both in ``modules_to_save`` get two independent copies). ``lorakit.unload(merge=True)`` puts the active
+    adapter's copy in place, so the plain model holds a head of its own (transformers loads such a saved model
+    untied, as the two tensors differ).
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original = original
+        self.copies = nn.ModuleDict()
+        self.active: list[str] = []
+        self.disabled = False
+        self._route: "RouteState | None" = None
+        self.path = ""  # where it sits in the model, for error messages
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or "_modules" not in self.__dict__:
+                raise
+            return getattr(self.current(), name)
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def owners(self) -> list[str]:
+        """Active adapters that own a copy (none while disabled)."""
+        return [] if self.disabled else [n for n in self.active if n in self.copies]
+
+    def current(self) -> nn.Module:
+        """The module a plain forward runs now; a clear error if several active adapters own a copy."""
+        owners = self.owners()
+        if len(owners) > 1:
+            raise ValueError(
+                f"adapters {owners} are active together and each trained its own copy of module "
+                f"{self.path or type(self.original).__name__!r} (modules_to_save); there is no meaningful sum "
+                f"of two such modules. Activate one of them (lorakit.set_active(model, {owners[0]!r})) or give "
+                f"each example its adapter with lorakit.route(model, names)"
+            )
+        return self.copies[owners[0]] if owners else self.original
+
+    def add(self, name: str, module: nn.Module) -> None:
+        self.copies[name] = module
+
+    def remove(self, name: str) -> None:
+        del self.copies[name]
+        self.active = [n for n in self.active if n != name]
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.active = [n for n in names if n in self.copies]
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        if self._route is None or self.disabled:
+            return self.current()(*args, **kwargs)
+        route = self._route
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"route(): module {self.path!r} (modules_to_save) must get a batch-first tensor as "
+                             f"its first argument to give each example its own adapter's copy")
+        if x.shape[0] != route.batch_size:
+            raise ValueError(
+                f"route() was given {route.batch_size} adapter names but module {self.path!r} got batch size "
+                f"{x.shape[0]}; pass one name (or None) per example."
+            )
+        groups = [(self.copies[n] if n in self.copies else self.original, index) for n, index in route.groups(x.device)]
+        if len({id(m) for m, _ in groups}) == 1:  # every example runs the same module: one call
+            return groups[0][0](*args, **kwargs)
+        extra = [a for a in list(args[1:]) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        if extra:
+            raise ValueError(f"route(): module {self.path!r} (modules_to_save) takes more than one tensor, so lorakit "
+                             f"cannot split its inputs per example; route batches whose examples share its copy")
+        out = None
+        for module, index in groups:
+            ys = module(x.index_select(0, index), *args[1:], **kwargs)
+            if not isinstance(ys, torch.Tensor):
+                raise ValueError(f"route(): module {self.path!r} (modules_to_save) returns "
+                                 f"{type(ys).__name__}, not a tensor; route batches whose examples share its copy")
+            if out is None:
+                out = ys.new_zeros((route.batch_size, *ys.shape[1:]))
+            out = out.index_copy(0, index, ys)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"copies={list(self.copies)}, active={self.active}"
+
+
 class RouteState:
     """Per-example adapter assignment shared by every layer during a :func:`lorakit.route` block."""
 

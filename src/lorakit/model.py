@@ -6,6 +6,7 @@ go, so an error leaves the model exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .layers import AdaptedLayer, RouteState, UnsupportedLayer, is_adaptable, ops_for
+from .layers import AdaptedLayer, ModuleCopies, RouteState, UnsupportedLayer, is_adaptable, ops_for
 from .methods import get_method
 from .methods.base import Adapter, layer_generator
 
@@ -32,7 +33,7 @@ class AdapterRegistry:
     def __init__(self) -> None:
         self.configs: dict[str, AdapterConfig] = {}
         self.layers: dict[str, list[str]] = {}  # adapter name -> adapted layer paths
-        self.modules_to_save: dict[str, list[str]] = {}
+        self.modules_to_save: dict[str, list[str]] = {}  # adapter name -> paths of the modules it trains whole
         self.active: list[str] = []
         self.shared: dict[str, nn.Module] = {}  # adapter name -> shared state (VeRA pair, LoRA-drop shared pairs)
         self.extra: dict[str, dict[str, Any]] = {}  # per-adapter method bookkeeping (reports, schedules)
@@ -61,6 +62,21 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
             yield path, module
 
 
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModuleCopies]]:
+    """``(path, wrapper)`` for every module that adapters train whole (``modules_to_save``), path of the original."""
+    for path, module in model.named_modules():
+        if isinstance(module, ModuleCopies):
+            yield path, module
+
+
+def saved_copy(model: nn.Module, path: str, name: str) -> nn.Module:
+    """Adapter ``name``'s own copy of the module at ``path`` (one of its ``modules_to_save``)."""
+    wrapper = model.get_submodule(path)
+    if not isinstance(wrapper, ModuleCopies) or name not in wrapper.copies:
+        raise ValueError(f"adapter {name!r} has no copy of module {path!r}")
+    return wrapper.copies[name]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # targeting
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,13 +95,18 @@ def _full_regex(pattern: str, path: str) -> bool:
         return False
 
 
+def _ancestors(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
 def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Named modules of the original model: adapters' internals and the registry are skipped."""
     skip: list[str] = []
     for path, module in model.named_modules():
         if any(path.startswith(s) for s in skip):
             continue
-        if isinstance(module, AdaptedLayer):
+        if isinstance(module, (AdaptedLayer, ModuleCopies)):
             skip.append(path + ".")
         yield path, module
 
@@ -129,8 +150,8 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
             continue
         if config.exclude is not None and _matches(config.exclude, path):
             continue
-        if keep and _matches(keep, path):
-            continue
+        if keep and (_matches(keep, path) or any(_matches(keep, p) for p in _ancestors(path))):
+            continue  # a module saved whole (and everything inside it) trains as it is
         if config.targets == "all-linear":
             if not _is_linear_like(module) or id(module) in heads:
                 continue
@@ -175,6 +196,8 @@ class _Plan:
     shared: nn.Module | None
     entries: list[tuple[str, AdaptedLayer, bool, Adapter, Any]] = field(default_factory=list)
     # (path, layer, layer_is_new, adapter, init_result)
+    copies: list[tuple[str, ModuleCopies, bool, nn.Module]] = field(default_factory=list)
+    # (path, wrapper of a modules_to_save module, wrapper_is_new, this adapter's copy)
     modules_to_save: list[str] = field(default_factory=list)
 
 
@@ -200,6 +223,9 @@ def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = 
         )
     resolved = []
     for path, module in targets:
+        if isinstance(module, ModuleCopies):
+            raise ValueError(f"{path} is trained whole by adapter(s) {list(module.copies)} (modules_to_save), so it "
+                             "cannot also be adapted; exclude it from targets")
         if path == "":
             raise ValueError("cannot adapt the root module itself; wrap it, e.g. nn.Sequential(layer)")
         base = module.base if isinstance(module, AdaptedLayer) else module
@@ -216,12 +242,15 @@ def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = 
         if not hits:
             raise ValueError(f"modules_to_save entry {pattern!r} matched no module")
         mts.extend(hits)
+    mts = sorted(set(mts))
+    mts = [p for p in mts if not any(q in mts for q in _ancestors(p))]  # a module saved whole includes its children
+    copies = [_saved_copy_plan(model, path) for path in mts]
 
     new_registry = reg is None
     reg = reg if reg is not None else AdapterRegistry()
     shared = method.make_shared(config, [(p, ops) for p, _, ops in resolved], name,
                                 existing=None)
-    plan = _Plan(name=name, config=config, registry=reg, new_registry=new_registry, shared=shared,
+    plan = _Plan(name=name, config=config, registry=reg, new_registry=new_registry, shared=shared, copies=copies,
                  modules_to_save=sorted(set(mts)))
     for path, module, ops in resolved:
         is_new = not isinstance(module, AdaptedLayer)
@@ -230,6 +259,24 @@ def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = 
         result = adapter.init_weights(layer, config, layer_generator(config, path)) if init else None
         plan.entries.append((path, layer, is_new, adapter, result))
     return plan
+
+
+def _saved_copy_plan(model: nn.Module, path: str) -> tuple[str, ModuleCopies, bool, nn.Module]:
+    """The wrapper for a module in ``modules_to_save`` (existing or new, not yet in the model) and a fresh copy of
+    its original for the new adapter. The original itself is never changed."""
+    module = model.get_submodule(path)
+    if isinstance(module, AdaptedLayer):
+        raise ValueError(f"modules_to_save: {path} is adapted by adapter(s) {list(module.adapters)}; a module cannot "
+                         "be both adapted and trained whole (drop it from modules_to_save or delete those adapters)")
+    inner = [f"{path}.{p}" for p, m in module.named_modules() if p and isinstance(m, (AdaptedLayer, ModuleCopies))]
+    if inner:
+        raise ValueError(f"modules_to_save: {path} holds adapted or saved modules ({_short_list(inner, 4)}); "
+                         "a module trained whole cannot contain them (exclude them from targets)")
+    is_new = not isinstance(module, ModuleCopies)
+    wrapper = ModuleCopies(module).train(module.training) if is_new else module
+    if is_new:
+        wrapper.path = path
+    return path, wrapper, is_new, copy.deepcopy(wrapper.original)
 
 
 def commit_plan(model: nn.Module, plan: _Plan, make_active: bool = True, trainable: bool = True) -> None:
@@ -249,6 +296,11 @@ def commit_plan(model: nn.Module, plan: _Plan, make_active: bool = True, trainab
         elif isinstance(result, torch.Tensor):
             layer._apply_weight(lambda w, new=result: new)
         layer.add(plan.name, adapter)
+    for path, wrapper, is_new, own in plan.copies:
+        if is_new:
+            parent, child = _parent_of(model, path)
+            setattr(parent, child, wrapper)
+        wrapper.add(plan.name, own)
     reg.configs[plan.name] = plan.config
     reg.layers[plan.name] = [p for p, *_ in plan.entries]
     reg.modules_to_save[plan.name] = plan.modules_to_save
@@ -260,8 +312,8 @@ def commit_plan(model: nn.Module, plan: _Plan, make_active: bool = True, trainab
         trainable_params |= {id(p) for p in plan.shared.parameters() if p.requires_grad}
     for p in model.parameters():
         p.requires_grad_(trainable and id(p) in trainable_params)
-    for path in plan.modules_to_save:
-        for p in model.get_submodule(path).parameters():
+    for _, _, _, own in plan.copies:  # the adapter's own copies train; the originals stay frozen
+        for p in own.parameters():
             p.requires_grad_(trainable)
     if make_active:
         set_active(model, plan.name)
@@ -270,9 +322,10 @@ def commit_plan(model: nn.Module, plan: _Plan, make_active: bool = True, trainab
 def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.Module:
     """Attach a new adapter to ``model`` in place and return the model.
 
-    The new adapter becomes the active one and the only trainable parameters (plus ``modules_to_save``); all
-    other parameters are frozen. Raises, leaving the model untouched, if nothing matches, the name is taken, or a
-    targeted layer is unsupported.
+    The new adapter becomes the active one and the only trainable parameters, with its own copies of the modules
+    in ``modules_to_save`` (each adapter trains its own copy; the original module stays frozen and unchanged, see
+    :class:`lorakit.layers.ModuleCopies`); all other parameters are frozen. Raises, leaving the model untouched,
+    if nothing matches, the name is taken, or a targeted layer is unsupported.
 
     Example:
         >>> import torch, lorakit
@@ -331,6 +384,8 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     reg.active = names
     for _, layer in adapted_layers(model):
         layer.set_active(names)
+    for _, wrapper in saved_modules(model):
+        wrapper.set_active(names)
 
 
 def set_trainable(model: nn.Module, names: str | Sequence[str], trainable: bool = True) -> None:
@@ -347,11 +402,18 @@ def set_trainable(model: nn.Module, names: str | Sequence[str], trainable: bool 
         if n in reg.shared:
             for p in reg.shared[n].parameters():
                 p.requires_grad_(trainable)
+    for _, wrapper in saved_modules(model):
+        for n in names:
+            if n in wrapper.copies:
+                for p in wrapper.copies[n].parameters():
+                    p.requires_grad_(trainable)
 
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model inside the block (merged adapters are unmerged for the block and merged back after).
+
+    Modules that adapters train whole (``modules_to_save``) run their original inside the block.
 
     Example:
         >>> import torch, lorakit
@@ -361,11 +423,14 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         ...     y = net(torch.randn(1, 4))
     """
     layers = [layer for _, layer in adapted_layers(model)]
+    wrappers = [wrapper for _, wrapper in saved_modules(model)]
     remerge = {id(layer): list(layer.merged) for layer in layers}
     for layer in layers:
         layer.unmerge()
         layer.disabled = True
         layer.refresh()
+    for wrapper in wrappers:
+        wrapper.disabled = True
     try:
         yield model
     finally:
@@ -373,10 +438,13 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = False
             layer.merge(remerge[id(layer)])
             layer.refresh()
+        for wrapper in wrappers:
+            wrapper.disabled = False
 
 
 def delete(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` (unmerging it first if merged). The last adapter leaves plain layers behind.
+    """Remove adapter ``name`` (unmerging it first if merged) and its copies of ``modules_to_save`` modules.
+    The last adapter leaves plain layers and the original modules behind.
 
     Example:
         >>> import torch, lorakit
@@ -398,6 +466,12 @@ def delete(model: nn.Module, name: str) -> None:
     reg.extra.pop(name, None)
     reg.shared.pop(name, None)
     reg.active = [n for n in reg.active if n != name]
+    for path, wrapper in list(saved_modules(model)):
+        if name in wrapper.copies:
+            wrapper.remove(name)
+        if not wrapper.copies:  # no adapter trains it any more: the original module object goes back
+            parent, child = _parent_of(model, path)
+            setattr(parent, child, wrapper.original)
     if not reg.configs:
         del model.__dict__[REGISTRY_ATTR]
 
@@ -438,6 +512,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     ``merge=True`` first merges the active adapters, so the returned plain model computes the adapted function.
     ``merge=False`` returns the original base model (base-weight shifts such as PiSSA's residual are undone).
 
+    With ``merge=False`` adapters merged earlier are unmerged first, so their deltas leave the weights too. A module
+    trained whole (``modules_to_save``) is replaced by the active adapter's copy with ``merge=True`` (refused,
+    before anything changes, if several active adapters own one), by its original module with ``merge=False``.
+
     Example:
         >>> import torch, lorakit
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
@@ -446,14 +524,22 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         'Linear'
     """
     reg = _registry(model)
+    wrappers = list(saved_modules(model))
+    # which module each wrapper leaves behind, decided (and refused if ambiguous) before anything changes
+    keep = {path: (wrapper.current() if merge else wrapper.original) for path, wrapper in wrappers}
     if reg is not None and merge:
         globals()["merge"](model)
     for path, layer in list(adapted_layers(model)):
+        if not merge:
+            layer.unmerge()  # the original weights, not the merged ones (unmerge undoes every merge exactly)
         for name in list(layer.adapters):
             if name not in layer.merged:
                 layer.remove(name)
         parent, child = _parent_of(model, path)
         setattr(parent, child, layer.base)
+    for path, _ in wrappers:
+        parent, child = _parent_of(model, path)
+        setattr(parent, child, keep[path])
     if reg is not None:
         del model.__dict__[REGISTRY_ATTR]
     return model
@@ -462,6 +548,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 @contextlib.contextmanager
 def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     """Inside the block, example ``i`` of every batch runs through adapter ``names[i]`` (``None``: base model).
+
+    A module adapters train whole (``modules_to_save``) runs each example through its adapter's copy (the original
+    for ``None`` and adapters without one); such a module must take batch-first inputs.
 
     Works in eval and train mode; adapters must not be merged.
 
@@ -479,13 +568,14 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     if merged:
         raise RuntimeError(f"route() cannot run with merged adapters {merged}; call lorakit.unmerge(model) first")
     state = RouteState(names)
-    for layer in layers:
-        layer._route = state
+    wrappers = [wrapper for _, wrapper in saved_modules(model)]
+    for module in layers + wrappers:
+        module._route = state
     try:
         yield model
     finally:
-        for layer in layers:
-            layer._route = None
+        for module in layers + wrappers:
+            module._route = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -519,6 +609,11 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", how:
     _check_name(name)
     if name in reg.configs:
         raise ValueError(f"adapter name {name!r} is taken on this model; pick another name")
+    heads = {n: reg.modules_to_save[n] for n in weights if reg.modules_to_save.get(n)}
+    if heads:
+        raise ValueError(f"combine() cannot mix adapters that train whole modules (modules_to_save: {heads}): "
+                         "there is no meaningful mix of their copies, and the mix would silently run the original "
+                         "modules; combine adapters without modules_to_save")
     for k, w in weights.items():
         if not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"combine weight for {k!r} must be a finite number, got {w!r}")
@@ -597,6 +692,9 @@ def parameter_report(model: nn.Module) -> str:
             adapter_param_ids.update(id(p) for p in adapter.parameters())
     for n in reg.shared:
         adapter_param_ids.update(id(p) for p in reg.shared[n].parameters())
+    wrappers = [wrapper for _, wrapper in saved_modules(model)]
+    for wrapper in wrappers:
+        adapter_param_ids.update(id(p) for p in wrapper.copies.parameters())
     seen: set[int] = set()
     for p in model.parameters():
         if id(p) not in adapter_param_ids and id(p) not in seen:
@@ -630,6 +728,9 @@ def parameter_report(model: nn.Module) -> str:
                     else:
                         frozen_extra += p.numel()
             frozen_extra += sum(b.numel() for b in reg.shared[name].buffers())
+        for wrapper in wrappers:  # its own copies of modules_to_save modules
+            if name in wrapper.copies:
+                own += sum(p.numel() for p in wrapper.copies[name].parameters() if id(p) not in counted)
         share = 100.0 * own / max(base_total, 1)
         lines.append(f"{name:<16}{cfg.method:<12}{n_layers:>7}{own:>12,}{share:>10.3f}%{frozen_extra:>14,}  "
                      f"{'yes' if name in reg.active else 'no'}")

@@ -152,11 +152,14 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
     mts_names = list(cfg.get("modules_to_save") or [])
     module_paths: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in leftovers.items():
-        mod, _, tname = key.rpartition(".")
-        if not any(mod == m or mod.endswith("." + m) for m in mts_names):
+        # the outermost module on the key's path that modules_to_save names (a head may have children)
+        parts = key.split(".")
+        cut = next((i for i in range(1, len(parts))
+                    if any(".".join(parts[:i]) == m or ".".join(parts[:i]).endswith("." + m) for m in mts_names)), None)
+        if cut is None:
             raise PeftFormatError(f"{folder}: unexpected tensor {key!r} (neither an adapter tensor nor part of "
                                   f"modules_to_save {mts_names})")
-        module_paths.setdefault(mod, {})[tname] = t
+        module_paths.setdefault(".".join(parts[:cut]), {})[".".join(parts[cut:])] = t
 
     translate = {"lora": _lora_layers, "dora": _lora_layers, "vera": _vera_layers, "adalora": _adalora_layers}
     config_kwargs, layer_tensors, shared_tensors = translate[method](cfg, layers, shared, model, folder)
@@ -386,7 +389,7 @@ def load_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None
     for saved, new in chosen:
         cfg, tensors = read_peft_folder(found[saved])
         prepared.append((new, found[saved], *peft_to_lorakit(cfg, tensors, model, found[saved])))
-    snapshot = _snapshot(model, [mpath for *_, entry, _ in prepared for mpath in entry["modules_to_save"]])
+    snapshot = _snapshot(model)  # modules_to_save need none: a load only adds its own copies, which delete removes
     done: list[str] = []
     try:
         for new, sub, entry, flat in prepared:
@@ -406,22 +409,18 @@ def load_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None
     return model
 
 
-def _snapshot(model: nn.Module, module_paths: list[str]) -> dict[str, Any]:
-    """What a load changes besides adding adapters: modules_to_save weights, trainable flags, active adapters."""
+def _snapshot(model: nn.Module) -> dict[str, Any]:
+    """What a load changes besides adding adapters: trainable flags, active adapters."""
     from .model import _registry
 
     reg = _registry(model)
-    return {"modules": {p: {k: v.detach().clone() for k, v in model.get_submodule(p).state_dict().items()}
-                        for p in module_paths},
-            "grad": [(p, p.requires_grad) for p in model.parameters()],
+    return {"grad": [(p, p.requires_grad) for p in model.parameters()],
             "active": list(reg.active) if reg is not None else None}
 
 
 def _restore(model: nn.Module, snap: dict[str, Any]) -> None:
     from .model import _registry
 
-    for mpath, state in snap["modules"].items():
-        model.get_submodule(mpath).load_state_dict(state)
     for p, flag in snap["grad"]:
         p.requires_grad_(flag)
     reg = _registry(model)
@@ -483,9 +482,11 @@ def _layer_entries(model: nn.Module, name: str):
 
 
 def _module_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    from .model import saved_copy
+
     out = {}
-    for mpath in registry(model).modules_to_save.get(name, []):
-        for tname, t in model.get_submodule(mpath).state_dict().items():
+    for mpath in registry(model).modules_to_save.get(name, []):  # the adapter's own copy, under PEFT's key
+        for tname, t in saved_copy(model, mpath, name).state_dict().items():
             out[f"{PREFIX}{mpath}.{tname}"] = t.detach().cpu().contiguous().clone()
     return out
 

@@ -448,7 +448,7 @@ def run_lora_drop(model: nn.Module, config: "AdapterConfig", data: Any,
         1
     """
     from ..config import AdapterConfig
-    from ..model import adapted_layers, attach, delete, registry
+    from ..model import adapted_layers, attach, delete, registry, saved_copy
     from ..train.trainer import TrainConfig, Trainer, default_loss, stack_collate
 
     if not isinstance(config, AdapterConfig) or config.method != "lora_drop":
@@ -508,6 +508,9 @@ def run_lora_drop(model: nn.Module, config: "AdapterConfig", data: Any,
         if path in selected:
             a, b = layer.adapters[name].factors()
             keep[path] = (a.detach().clone(), b.detach().clone())
+    # modules_to_save trained in stage 1 continue in stage 2, like the kept pairs (each adapter owns its copy)
+    heads = {p: {k: v.detach().clone() for k, v in saved_copy(model, p, name).state_dict().items()}
+             for p in registry(model).modules_to_save.get(name, [])}
     delete(model, name)
 
     # stage 2: selected layers continue, the rest share one fresh pair per module type
@@ -516,6 +519,8 @@ def run_lora_drop(model: nn.Module, config: "AdapterConfig", data: Any,
     for path, layer in adapted_layers(model):
         if path in keep:
             layer.adapters[name].set_factors(*keep[path])
+    for path, state in heads.items():
+        saved_copy(model, path, name).load_state_dict(state)
     shared_pairs = reg.shared.get(name)
     shared = {k: list(v) for k, v in shared_pairs.members.items()} if shared_pairs is not None else {}
     result = LoraDropResult(importance=importance, raw_importance=raw, selected=selected, shared=shared,

@@ -347,30 +347,39 @@ def model_weight_bytes(model: nn.Module) -> int:
 # save / load
 # ---------------------------------------------------------------------------------------------------------------
 def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's own tensors under their original names: adapters left out, ``x.base.w`` stored as ``x.w``."""
-    from ..model import adapted_layers
+    """The model's own tensors under their original names: adapters left out, ``x.base.w`` stored as ``x.w`` (and a
+    ``modules_to_save`` module's ``x.original.w`` as ``x.w``; the adapters' copies are saved by lorakit.save)."""
+    from ..model import adapted_layers, saved_modules
 
-    layers = [p for p, _ in adapted_layers(model)]
+    layers = [(p, "base.") for p, _ in adapted_layers(model)] + [(p, "original.") for p, _ in saved_modules(model)]
     out = {}
     for key, t in model.state_dict().items():
-        owner = next((p for p in layers if key.startswith(p + ".")), None)
+        owner = next(((p, inner) for p, inner in layers if key.startswith(p + ".")), None)
         if owner is not None:
-            rest = key[len(owner) + 1:]
-            if not rest.startswith("base."):
+            rest = key[len(owner[0]) + 1:]
+            if not rest.startswith(owner[1]):
                 continue  # adapter tensors are saved by lorakit.save
-            key = owner + "." + rest[len("base."):]
+            key = owner[0] + "." + rest[len(owner[1]):]
         out[key] = t
     return out
 
 
 def _quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     from ..layers import AdaptedLayer
+    from ..model import saved_modules
 
+    wrappers = [p for p, _ in saved_modules(model)]  # modules_to_save: the original is the base, copies are not
     found = {}
     for path, module in model.named_modules():
         if isinstance(module, Linear4bit):
             if path.endswith(".base") and isinstance(model.get_submodule(path[:-5]), AdaptedLayer):
                 path = path[:-5]
+            outer = next((w for w in wrappers if path.startswith(w + ".")), None)
+            if outer is not None:
+                rest = path[len(outer) + 1:]
+                if not rest.startswith("original"):
+                    continue
+                path = outer + rest[len("original"):]
             found[path] = module.settings()
     return found
 
