@@ -145,7 +145,7 @@ def _overflowing_net():
             ad = net[i].adapters["default"]
             ad.A.fill_(1.0)
             ad.B.fill_(0.01)
-        net[2].adapters["default"].B.fill_(3e4)  # s·BA = 2·3e4·... > 65504 in layer "2" only
+        net[2].adapters["default"].B.fill_(6e4)  # s·BA = 2·6e4 > 65504 in layer "2" only
     return net
 
 
