@@ -116,6 +116,40 @@ def test_base_shift_while_another_adapter_is_merged_stays_consistent():
     assert torch.allclose(net[0].base.weight, w0, atol=1e-6)
 
 
+def test_delta_lora_steps_while_another_adapter_is_merged_keep_its_base_moves():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8))
+    w0 = net[0].weight.detach().clone()
+    lorakit.attach(net, AdapterConfig(r=2), name="a")
+    _randomise(net, "a")
+    lorakit.attach(net, AdapterConfig(method="delta_lora", r=2, delta_start=0), name="d")
+    lorakit.merge(net, ["a"])
+    lorakit.set_active(net, ["a", "d"])
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    hooks = lorakit.training_hooks(net)
+    for _ in range(3):
+        net(torch.randn(4, 8)).pow(2).mean().backward()
+        opt.step()
+        hooks.after_step()
+        opt.zero_grad()
+    shift = net[0].adapters["d"].base_shift()
+    assert shift.abs().max() > 0
+    lorakit.unmerge(net)
+    assert torch.allclose(net[0].base.weight, w0 + shift, atol=1e-6)
+
+
+def test_base_changing_adapter_refused_on_a_merged_layer():
+    net = nn.Sequential(nn.Linear(8, 8))
+    lorakit.attach(net, AdapterConfig(r=2), name="a")
+    _randomise(net, "a")
+    lorakit.merge(net)
+    merged = net[0].base.weight.detach().clone()
+    with pytest.raises(ValueError, match="unmerge"):
+        lorakit.attach(net, AdapterConfig(r=2, init="pissa"), name="p")
+    assert lorakit.adapter_names(net) == ["a"]
+    assert torch.equal(net[0].base.weight, merged)
+
+
 @settings(max_examples=25, deadline=None)
 @given(dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), r=st.integers(1, 4),
        scale=st.floats(1e-3, 1.0), seed=st.integers(0, 2**16), order=st.permutations(["a", "b"]))

@@ -397,6 +397,8 @@ class AdaptedLayer(nn.Module):
         names = self._pending(names)
         if names:
             self._merged_matrix(names)
+            for name in names:  # not merged yet: drop undo caches merge_into may have built
+                self.adapters[name].on_unmerged()
 
     def _untie(self) -> tuple[str, ...]:
         """Give the base its own copy of a weight Parameter it shares with other modules (tied embeddings), so a

@@ -198,17 +198,16 @@ def _refresh_ties(model: nn.Module) -> None:
             layer._tied = _tied_partners(owners, layer.base)
 
 
-def _sync_tie_settings(model: nn.Module, reg: AdapterRegistry, layers: Sequence[AdaptedLayer]) -> None:
+def _sync_tie_settings(model: nn.Module, reg: AdapterRegistry, layers: Sequence[tuple[str, AdaptedLayer]]) -> None:
     """Keep transformers' tie settings true to the model: while some layer holds its own copy of a weight that was
     tied (merge untied it), ``config.tie_word_embeddings`` is False and the tied-keys map skips those weights, so
-    ``save_pretrained``/``from_pretrained``/``tie_weights`` keep them apart; once all are re-tied, restore them."""
-    untied = [(path, layer) for path, layer in adapted_layers(model) if layer._untied]
-    untied += [("", layer) for layer in layers if layer._untied and all(layer is not l for _, l in untied)]
+    ``save_pretrained``/``from_pretrained``/``tie_weights`` keep them apart; once all are re-tied, restore them.
+    ``layers``: ``(path, layer)`` of every adapted layer, including ones just unwrapped by delete."""
+    untied = [(path, layer) for path, layer in layers if layer._untied]
     if untied and not reg.tie_settings:
         names = set()
         for path, layer in untied:
-            if path:
-                names.add(path + ".weight")
+            names.add(path + ".weight")
             names.update(p + ".weight" for _, _, p in layer._untied[1])
         seen: set[int] = set()
         for prefix, module in model.named_modules():
@@ -219,7 +218,8 @@ def _sync_tie_settings(model: nn.Module, reg: AdapterRegistry, layers: Sequence[
                 config.tie_word_embeddings = False
             keys = module.__dict__.get("all_tied_weights_keys")
             if isinstance(keys, dict) and keys:
-                local = {n[len(prefix) + 1:] if prefix else n for n in names if not prefix or n.startswith(prefix + ".")}
+                local = {n[len(prefix) + 1:] if prefix else n for n in names
+                         if not prefix or n.startswith(prefix + ".")}
                 kept = {k: v for k, v in keys.items() if k not in local and v not in local}
                 if len(kept) != len(keys):
                     reg.tie_settings.append((module, "all_tied_weights_keys", keys))
@@ -492,7 +492,7 @@ def delete(model: nn.Module, name: str) -> None:
         if not layer.adapters:
             parent, child = _parent_of(model, path)
             setattr(parent, child, layer.base)
-    _sync_tie_settings(model, reg, [layer for _, layer in layers])
+    _sync_tie_settings(model, reg, layers)
     del reg.configs[name]
     reg.layers.pop(name, None)
     reg.modules_to_save.pop(name, None)
@@ -547,7 +547,7 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
             "layer it now has its own copy of the weight with the change folded in, and the partner keeps the "
             "original (transformers: config.tie_word_embeddings set to False, so a saved model loads them apart). "
             "lorakit.unmerge(model) re-ties them.", UserWarning, stacklevel=2)
-    _sync_tie_settings(model, reg, [layer for _, layer in layers])
+    _sync_tie_settings(model, reg, layers)
 
 
 def unmerge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
@@ -564,7 +564,7 @@ def unmerge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
         layer.unmerge(names)
     reg = _registry(model)
     if reg is not None:
-        _sync_tie_settings(model, reg, [layer for _, layer in layers])
+        _sync_tie_settings(model, reg, layers)
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:

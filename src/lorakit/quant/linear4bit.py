@@ -255,8 +255,8 @@ def _check_skip(model: nn.Module, skip: Sequence[str]) -> None:
         try:
             re.compile(name)
         except re.error as err:
-            raise ValueError(f"quantize(skip=...): {name!r} is not a valid regular expression ({err}); give a module "
-                             "name, a dotted path suffix, or a regex matching a whole module path") from None
+            raise ValueError(f"quantize(skip=...): {name!r} is not a valid regular expression ({err}); give a "
+                             "module name, a dotted path suffix, or a regex matching a whole module path") from None
         if not any(_names_module(name, p) for p in paths):
             choices = sorted(set(paths) | {p.rsplit(".", 1)[-1] for p in paths})
             close = difflib.get_close_matches(name, choices, n=5, cutoff=0.6)
