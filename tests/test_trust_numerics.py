@@ -296,3 +296,14 @@ def test_quantize_skip_of_a_container_skips_its_layers():
     model = _Classifier()
     lorakit.quantize(model, compute_dtype=torch.float32, skip=("body",))
     assert type(model.body[0]) is nn.Linear and type(model.classifier).__name__ == "Linear4bit"
+
+
+def test_train_job_with_quantize_on_a_classifier_still_runs(tiny_classifier_folder, tmp_path):
+    """The job's skip list names only modules the model has (a BERT classifier has no lm_head)."""
+    from lorakit.train.job import JobConfig, run_job
+
+    folder, data = tiny_classifier_folder
+    job = JobConfig(model=str(folder), data=str(data), quantize=True, output_dir=str(tmp_path / "run"),
+                    adapter={"method": "lora", "r": 2}, train={"steps": 1, "batch_size": 4, "lr": 1e-3})
+    run_job(job)
+    assert (tmp_path / "run" / "adapter").is_dir()
