@@ -386,7 +386,7 @@ class AdaptedLayer(nn.Module):
                     why = f"gives {count} non-finite (NaN/inf) weights: the adapter's change itself is not finite"
                 raise ValueError(
                     f"merge of adapter(s) {names} into {path!r} ({dtype}) {why}; nothing was merged. Merge in "
-                    "float32 or bfloat16 instead (e.g. model.float() or load the model with torch_dtype=torch."
+                    "float32 or bfloat16 instead (e.g. model.float(), or load the model with dtype=torch."
                     "bfloat16), or keep the adapter un-merged."
                 )
         return new
