@@ -279,12 +279,20 @@ class AdaptedLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.ops = ops_for(base)
         self.active: list[str] = []
-        self.merged: list[str] = []  # merge order, unmerged in reverse
+        self.merged: list[str] = []  # merge order
         self.disabled = False
         self._route: "RouteState | None" = None
         self._live: list["Adapter"] = []
         # (the single live adapter,) if it offers a fused base+branch forward; a tuple so it is not a submodule
         self._fast: tuple = ()
+        # the base weight as it was before the first merged adapter, in its own dtype and layout: unmerge restores
+        # it bit-exactly (a buffer, so it follows .to(); not persistent, so it is never saved)
+        self.register_buffer("merge_stash", None, persistent=False)
+        # other modules registering this layer's weight Parameter (tied embeddings), as (module, attr, path);
+        # set by lorakit.attach/merge. Tuples, so nothing here becomes a submodule or parameter.
+        self._tied: tuple = ()
+        # while merge has given this layer its own copy of a tied weight: (original Parameter, partners)
+        self._untied: tuple = ()
 
     # -- attribute pass-through so code reading e.g. `layer.weight.dtype` keeps working -------------------------
     def __getattr__(self, name: str):
@@ -326,35 +334,174 @@ class AdaptedLayer(nn.Module):
         self.refresh()
 
     def _apply_weight(self, fn) -> None:
+        """Apply ``fn`` (an acc-dtype ``[out, in]`` matrix -> matrix) to the *un-merged* base weight (base shifts:
+        PiSSA's residual, Delta-LoRA, restore). Merged adapters are folded back on top afterwards, so the merge stash
+        always holds the true base and unmerge stays exact."""
+        remerge = list(self.merged) if self.merge_stash is not None else []
+        if remerge:
+            self._restore_stash()
         w32 = self.ops.weight_matrix(self.ops.acc_dtype())
         self.ops.set_weight_matrix(fn(w32))
         for adapter in self.adapters.values():
             adapter.on_base_changed()
+        if remerge:
+            self.merge(remerge)
+        self.refresh()
 
     # -- merge ----------------------------------------------------------------------------------------------
-    def merge(self, names: Iterable[str]) -> None:
-        names = [n for n in names if n in self.adapters and n not in self.merged]
-        if not names:
+    # Exactness: the first merge keeps the pre-merge weight (``merge_stash``, its own dtype). Unmerging every
+    # adapter copies it back, so the base is bit-identical in every dtype, however many merge/unmerge cycles ran.
+    # A partial unmerge restores the stash and folds the remaining adapters in again, in fp32 (fp64 for fp64
+    # layers), rounded once to the weight's dtype. Cost: one copy of each merged layer's weight until unmerge or
+    # unload. A merge whose result is not finite in the weight's dtype (fp16 overflow, NaN factors) is refused
+    # before anything changes.
+    def _pending(self, names: Iterable[str]) -> list[str]:
+        return [n for n in dict.fromkeys(names) if n in self.adapters and n not in self.merged]
+
+    def _weight_dtype(self) -> torch.dtype:
+        """The dtype the merged weight is stored in (a 4-bit base: its compute dtype, which merge densifies to)."""
+        if self.ops.quantized:
+            return getattr(self.base, "compute_dtype", None) or self.ops.weight_matrix().dtype
+        return self.ops.weight.dtype
+
+    def _merged_matrix(self, names: list[str]) -> torch.Tensor:
+        """The ``[out, in]`` weight with ``names`` folded in, rounded to the weight's dtype; raises ValueError if a
+        weight would become inf/NaN. Changes nothing (beyond merge caches the adapters keep for themselves)."""
+        dtype = self._weight_dtype()
+        with torch.no_grad():
+            w32 = self.ops.weight_matrix(dtype).to(self.ops.acc_dtype())
+            for name in names:
+                w32 = self.adapters[name].merge_into(self, w32)
+            new = w32.to(dtype)
+        if not bool(torch.isfinite(new).all()):
+            bad = ~torch.isfinite(new) & torch.isfinite(self.ops.weight_matrix(dtype))
+            if bool(bad.any()):
+                path = self.adapters[names[0]].path
+                count = int(bad.sum())
+                if bool(torch.isfinite(w32[bad]).all()):
+                    peak = float(w32[bad].abs().max())
+                    why = (f"would overflow {dtype}: {count} merged weights exceed its largest value "
+                           f"{torch.finfo(dtype).max:.6g} (largest |w| = {peak:.4g})")
+                else:
+                    why = f"gives {count} non-finite (NaN/inf) weights: the adapter's change itself is not finite"
+                raise ValueError(
+                    f"merge of adapter(s) {names} into {path!r} ({dtype}) {why}; nothing was merged. Merge in "
+                    "float32 or bfloat16 instead (e.g. model.float(), or load the model with dtype=torch."
+                    "bfloat16), or keep the adapter un-merged."
+                )
+        return new
+
+    def check_merge(self, names: Iterable[str]) -> None:
+        """Raise the error :meth:`merge` would raise, without changing anything (lets a model-wide merge refuse
+        before touching any layer)."""
+        names = self._pending(names)
+        if names:
+            self._merged_matrix(names)
+            for name in names:  # not merged yet: drop undo caches merge_into may have built
+                self.adapters[name].on_unmerged()
+
+    def _untie(self) -> tuple[str, ...]:
+        """Give the base its own copy of a weight Parameter it shares with other modules (tied embeddings), so a
+        merge changes only this layer. Returns the partners' paths (empty if the weight is not shared)."""
+        weight = None if self.ops.quantized else self.base._parameters.get("weight")
+        if weight is None:
+            return ()
+        candidates = self._tied + (self._untied[1] if self._untied else ())
+        partners, seen = [], set()
+        for module, attr, path in candidates:
+            if module._parameters.get(attr) is weight and (id(module), attr) not in seen:
+                seen.add((id(module), attr))
+                partners.append((module, attr, path))
+        if not partners:
+            return ()
+        self.base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        self._untied = (weight, tuple(partners))
+        return tuple(p for _, _, p in partners)
+
+    def _retie(self) -> None:
+        """After a full unmerge: share the original Parameter again if every partner still holds it unchanged
+        (else the layer keeps its own, equal-valued copy: outputs are exact either way)."""
+        if not self._untied:
             return
+        original, partners = self._untied
+        weight = self.base.weight
+        if (all(m._parameters.get(a) is original for m, a, _ in partners) and original.shape == weight.shape
+                and original.dtype == weight.dtype and original.device == weight.device
+                and torch.equal(original.detach(), weight.detach())):
+            self.base.weight = original
+            self._untied = ()
+
+    def _restore_stash(self) -> None:
+        """Copy the pre-merge weight back (bit-exact) and mark every adapter un-merged."""
+        with torch.no_grad():
+            self.base.weight.copy_(self.merge_stash)
+        self.merge_stash = None
+        for name in self.merged:
+            self.adapters[name].on_unmerged()
+        self.merged = []
+
+    def merge(self, names: Iterable[str]) -> tuple[str, ...]:
+        """Fold adapters ``names`` into the base weight (fp32/fp64 accumulation, rounded once).
+
+        Exact to undo: the pre-merge weight is kept, so :meth:`unmerge` of every adapter restores it bit-exactly in
+        every dtype. A result that is not finite in the weight's dtype raises ValueError before any change. A
+        weight shared with other modules (tied embeddings) is first given its own copy, so only this layer
+        changes; returns the paths of those partners (empty if none).
+        """
+        names = self._pending(names)
+        if not names:
+            return ()
+        new = self._merged_matrix(names)  # may raise: nothing has changed yet
         if self.ops.quantized:
             # Merging into 4-bit would silently change the function; dequantise to the compute dtype instead.
             self.base = self.ops.densify()
             self.ops = ops_for(self.base)
-            for adapter in self.adapters.values():
-                adapter.on_base_changed()
-        w32 = self.ops.weight_matrix(self.ops.acc_dtype())
-        for name in names:
-            w32 = self.adapters[name].merge_into(self, w32)
-            self.merged.append(name)
-        self.ops.set_weight_matrix(w32)
+        untied: tuple[str, ...] = ()
+        if not self.merged:
+            untied = self._untie()
+            self.merge_stash = self.base.weight.detach().clone()
+        self.ops.set_weight_matrix(new)
+        self.merged.extend(names)
+        for adapter in self.adapters.values():
+            adapter.on_base_changed()
+        self.refresh()
+        return untied
+
+    def unmerge(self, names: Iterable[str] | None = None) -> None:
+        """Undo :meth:`merge` for ``names`` (default: all merged adapters).
+
+        Unmerging every adapter restores the pre-merge weight bit-exactly (and re-ties a weight that merge had
+        untied, if its partners still hold it unchanged); a partial unmerge gives the original weight plus the
+        remaining adapters' changes, accumulated in fp32 and rounded once.
+        """
+        wanted = set(self.merged if names is None else names)
+        if not wanted & set(self.merged):
+            return
+        stash = self.merge_stash
+        if stash is None or tuple(stash.shape) != tuple(self.base.weight.shape):
+            self._unmerge_by_subtraction(wanted)  # no stash (merged by older code): best effort, as before
+            return
+        keep = [n for n in self.merged if n not in wanted]
+        previous = (self.base.weight.detach().clone(), list(self.merged)) if keep else None
+        self._restore_stash()
+        if keep:
+            try:
+                self.merge(keep)
+            except ValueError:  # the remaining set alone overflows: put the merged state back as it was
+                with torch.no_grad():
+                    self.base.weight.copy_(previous[0])
+                self.merge_stash, self.merged = stash, previous[1]
+                for adapter in self.adapters.values():
+                    adapter.on_base_changed()
+                self.refresh()
+                raise
+        else:
+            self._retie()
         for adapter in self.adapters.values():
             adapter.on_base_changed()
         self.refresh()
 
-    def unmerge(self, names: Iterable[str] | None = None) -> None:
-        wanted = set(self.merged if names is None else names)
-        if not wanted & set(self.merged):
-            return
+    def _unmerge_by_subtraction(self, wanted: set[str]) -> None:
         w32 = self.ops.weight_matrix(self.ops.acc_dtype())
         # Undo in reverse merge order; adapters merged after a wanted one are undone and redone to keep exactness.
         redo = []

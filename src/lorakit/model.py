@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -37,6 +39,8 @@ class AdapterRegistry:
         self.active: list[str] = []
         self.shared: dict[str, nn.Module] = {}  # adapter name -> shared state (VeRA pair, LoRA-drop shared pairs)
         self.extra: dict[str, dict[str, Any]] = {}  # per-adapter method bookkeeping (reports, schedules)
+        # (object, attribute, old value) changed when merge untied a tied weight (transformers' tie settings)
+        self.tie_settings: list[tuple[Any, str, Any]] = []
 
     def __repr__(self) -> str:
         return f"AdapterRegistry(adapters={list(self.configs)}, active={self.active})"
@@ -185,6 +189,95 @@ def _check_name(name: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# tied weights (one Parameter registered by several modules, e.g. input and output embeddings)
+# ---------------------------------------------------------------------------------------------------------------
+def _weight_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
+    """``id(Parameter)`` -> every ``(module, attribute, path)`` registering it; paths as the user knows them (an
+    adapted layer's base is named by the layer's path)."""
+    owners: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    seen: set[tuple[int, str]] = set()
+    wrapped = {id(m.base): p for p, m in model.named_modules() if isinstance(m, AdaptedLayer)}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module._parameters.items():
+            if param is None or (id(module), attr) in seen:
+                continue
+            seen.add((id(module), attr))
+            owners.setdefault(id(param), []).append((module, attr, wrapped.get(id(module), path)))
+    return owners
+
+
+def _tied_partners(owners: dict[int, list[tuple[nn.Module, str, str]]], base: nn.Module) -> tuple:
+    """Other modules sharing ``base``'s weight Parameter, as ``(module, attribute, path)``."""
+    weight = base._parameters.get("weight") if isinstance(getattr(base, "_parameters", None), dict) else None
+    if weight is None:
+        return ()
+    return tuple(o for o in owners.get(id(weight), []) if o[0] is not base)
+
+
+def _refresh_ties(model: nn.Module) -> None:
+    """Record on every un-merged adapted layer which modules share its weight (ties may be made after attach)."""
+    owners = _weight_owners(model)
+    for _, layer in adapted_layers(model):
+        if not layer.merged:
+            layer._tied = _tied_partners(owners, layer.base)
+
+
+def _sync_tie_settings(model: nn.Module, reg: AdapterRegistry, layers: Sequence[tuple[str, AdaptedLayer]]) -> None:
+    """Keep transformers' tie settings true to the model: while some layer holds its own copy of a weight that was
+    tied (merge untied it), ``config.tie_word_embeddings`` is False and the tied-keys map skips those weights, so
+    ``save_pretrained``/``from_pretrained``/``tie_weights`` keep them apart; once all are re-tied, restore them.
+    ``layers``: ``(path, layer)`` of every adapted layer, including ones just unwrapped by delete."""
+    untied = [(path, layer) for path, layer in layers if layer._untied]
+    if untied and not reg.tie_settings:
+        names = set()
+        for path, layer in untied:
+            names.add(path + ".weight")
+            names.update(p + ".weight" for _, _, p in layer._untied[1])
+        seen: set[int] = set()
+        for prefix, module in model.named_modules():
+            config = getattr(module, "config", None)
+            if config is not None and id(config) not in seen and getattr(config, "tie_word_embeddings", None) is True:
+                seen.add(id(config))
+                reg.tie_settings.append((config, "tie_word_embeddings", True))
+                config.tie_word_embeddings = False
+            keys = module.__dict__.get("all_tied_weights_keys")
+            if isinstance(keys, dict) and keys:
+                local = {n[len(prefix) + 1:] if prefix else n for n in names
+                         if not prefix or n.startswith(prefix + ".")}
+                kept = {k: v for k, v in keys.items() if k not in local and v not in local}
+                if len(kept) != len(keys):
+                    reg.tie_settings.append((module, "all_tied_weights_keys", keys))
+                    module.__dict__["all_tied_weights_keys"] = kept
+    elif not untied and reg.tie_settings:
+        for obj, attr, old in reversed(reg.tie_settings):
+            if isinstance(obj, nn.Module):
+                obj.__dict__[attr] = old
+            else:
+                setattr(obj, attr, old)
+        reg.tie_settings = []
+
+
+def _check_tied(path: str, partners: tuple, config: AdapterConfig, adapter: Adapter, init_result: Any,
+                layer: nn.Module) -> None:
+    """Refuse an adapter that changes the base weight (PiSSA, LoftQ, Delta-LoRA) on a tied or merged layer."""
+    changes_base = bool(adapter.shifts_base) or config.init == "loftq" or init_result is not None
+    if not changes_base:
+        return
+    what = f"method={config.method!r}" + (f" with init={config.init!r}" if config.init != "kaiming" else "")
+    if partners:
+        names = ", ".join(sorted({p for _, _, p in partners}))
+        raise ValueError(
+            f"{path}: its weight is tied (shared) with {names}, and {what} changes the base weight, which would "
+            f"change {names} too. Fix: exclude {path!r} from the adapter (exclude=[{path!r}] or leave it out of "
+            f"targets), use another init/method there, or untie the weights first (give {path} its own copy of the "
+            "weight and set model.config.tie_word_embeddings=False)."
+        )
+    if isinstance(layer, AdaptedLayer) and layer.merged:
+        raise ValueError(f"{path}: adapters {layer.merged} are merged into this layer, and {what} changes the base "
+                         "weight; call lorakit.unmerge(model) first")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # attach: build on the side, then commit
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -199,6 +292,7 @@ class _Plan:
     copies: list[tuple[str, ModuleCopies, bool, nn.Module]] = field(default_factory=list)
     # (path, wrapper of a modules_to_save module, wrapper_is_new, this adapter's copy)
     modules_to_save: list[str] = field(default_factory=list)
+    tied: dict[str, tuple] = field(default_factory=dict)  # layer path -> modules sharing its weight
 
 
 def _parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -252,12 +346,18 @@ def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = 
                                 existing=None)
     plan = _Plan(name=name, config=config, registry=reg, new_registry=new_registry, shared=shared, copies=copies,
                  modules_to_save=sorted(set(mts)))
+    owners = _weight_owners(model)
     for path, module, ops in resolved:
         is_new = not isinstance(module, AdaptedLayer)
+        base = module.base if not is_new else module
+        partners = _tied_partners(owners, base) if not ops.quantized else ()
         layer = AdaptedLayer(module).train(module.training) if is_new else module
         adapter = method(layer.ops, config, path, shared)
+        _check_tied(path, partners, config, adapter, None, module)  # before a costly init (PiSSA's SVD)
         result = adapter.init_weights(layer, config, layer_generator(config, path)) if init else None
+        _check_tied(path, partners, config, adapter, result, module)
         plan.entries.append((path, layer, is_new, adapter, result))
+        plan.tied[path] = partners
     return plan
 
 
@@ -288,6 +388,8 @@ def commit_plan(model: nn.Module, plan: _Plan, make_active: bool = True, trainab
         if is_new:
             parent, child = _parent_of(model, path)
             setattr(parent, child, layer)
+        if not layer.merged:
+            layer._tied = plan.tied.get(path, ())
         if isinstance(result, nn.Module):  # init produced a new base module (e.g. LoftQ's quantised base)
             layer.base = result
             layer.ops = ops_for(result)
@@ -454,12 +556,14 @@ def delete(model: nn.Module, name: str) -> None:
         []
     """
     reg = _check_known(model, [name])
-    for path, layer in list(adapted_layers(model)):
+    layers = list(adapted_layers(model))
+    for path, layer in layers:
         if name in layer.adapters:
             layer.remove(name)
         if not layer.adapters:
             parent, child = _parent_of(model, path)
             setattr(parent, child, layer.base)
+    _sync_tie_settings(model, reg, layers)
     del reg.configs[name]
     reg.layers.pop(name, None)
     reg.modules_to_save.pop(name, None)
@@ -479,8 +583,18 @@ def delete(model: nn.Module, name: str) -> None:
 def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     """Fold adapters (default: the active ones) into the base weights for zero-overhead inference.
 
-    Merges accumulate in fp32. A 4-bit base is dequantised to its compute dtype first (exact; see
-    :func:`lorakit.quant.requantize` to go back to 4-bit).
+    Merges accumulate in fp32 (fp64 for fp64 layers) and round once to the weight's dtype. A 4-bit base is
+    dequantised to its compute dtype first (exact; see :func:`lorakit.quant.requantize` to go back to 4-bit).
+
+    * Exact to undo: each merged layer keeps its pre-merge weight (one extra copy, in the weight's dtype, until
+      :func:`unmerge` or :func:`unload`), so unmerging everything restores every base weight bit-exactly, in
+      every dtype (fp32, fp16, bf16, ...).
+    * Refused, before any layer changes, if a merged weight would not be finite in its dtype (an fp16 overflow,
+      NaN factors): the ValueError names the layer; merge in float32/bfloat16 instead.
+    * Tied weights (e.g. ``lm_head`` sharing ``embed_tokens``' Parameter): the adapted layer first gets its own
+      copy of the weight, so only its function changes and the partner keeps the original; a UserWarning says so,
+      and transformers' ``config.tie_word_embeddings`` is set to False so ``save_pretrained`` writes both and
+      ``from_pretrained`` keeps them apart. :func:`unmerge` re-ties them (and restores the setting).
 
     Example:
         >>> import torch, lorakit
@@ -495,21 +609,46 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
         method = get_method(reg.configs[name].method)
         if not method.mergeable:
             raise ValueError(f"adapter {name!r} ({method.method}) cannot be merged into the base weights")
-    for _, layer in adapted_layers(model):
-        layer.merge(names)
+    layers = list(adapted_layers(model))
+    for _, layer in layers:  # every layer's result is checked before any layer changes
+        layer.check_merge(names)
+    _refresh_ties(model)
+    untied = []
+    for path, layer in layers:
+        partners = layer.merge(names)
+        if partners:
+            untied.append(f"{path} (tied with {', '.join(partners)})")
+    if untied:
+        warnings.warn(
+            f"lorakit.merge: {'; '.join(untied)}: the weight is shared (tied weights), so to merge only the adapted "
+            "layer it now has its own copy of the weight with the change folded in, and the partner keeps the "
+            "original (transformers: config.tie_word_embeddings set to False, so a saved model loads them apart). "
+            "lorakit.unmerge(model) re-ties them.", UserWarning, stacklevel=2)
+    _sync_tie_settings(model, reg, layers)
 
 
 def unmerge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
-    """Undo :func:`merge` (all merged adapters by default), using caches kept at merge time where needed."""
+    """Undo :func:`merge` (all merged adapters by default).
+
+    Unmerging every adapter of a layer restores its pre-merge weight bit-exactly (any dtype) and re-ties a
+    weight that merge had untied (if its partners still hold the original unchanged; otherwise the layer keeps
+    its own equal copy). A partial unmerge leaves the original weight plus the remaining merged changes,
+    accumulated in fp32 and rounded once.
+    """
     names = None if names is None else ([names] if isinstance(names, str) else list(names))
-    for _, layer in adapted_layers(model):
+    layers = list(adapted_layers(model))
+    for _, layer in layers:
         layer.unmerge(names)
+    reg = _registry(model)
+    if reg is not None:
+        _sync_tie_settings(model, reg, layers)
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove every lorakit object and return the model with its original module types.
 
-    ``merge=True`` first merges the active adapters, so the returned plain model computes the adapted function.
+    ``merge=True`` first merges the active adapters (see :func:`merge`: refused if a weight would overflow; a tied
+    weight is untied with a warning), so the returned plain model computes the adapted function.
     ``merge=False`` returns the original base model (base-weight shifts such as PiSSA's residual are undone).
 
     With ``merge=False`` adapters merged earlier are unmerged first, so their deltas leave the weights too. A module
@@ -591,7 +730,9 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", how:
     * ``cat``: exactly ``Σ w_i ΔW_i`` (rank = sum of ranks).
     * ``linear``: PEFT's definition, ``A = Σ sign(w_i)·sqrt(|w_i s_i|)·A_i``, ``B = Σ sqrt(|w_i s_i|)·B_i``,
       equal ranks only; an approximation (cross terms ``B_i A_j`` appear).
-    * ``svd``: best rank-``rank`` approximation (default: the largest source rank) of ``Σ w_i ΔW_i``.
+    * ``svd``: best rank-``rank`` approximation (default: the largest source rank, capped per layer at
+      ``min(out, in)``) of ``Σ w_i ΔW_i``. An explicit ``rank`` must be an integer from 1 to ``min(out, in)`` of
+      every mixed layer (else ValueError); ``rank`` with ``cat``/``linear`` is a ValueError.
 
     Methods with a non-linear layer function (DoRA) provide their own rule (see their docs).
 
@@ -603,6 +744,14 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", how:
     """
     if how not in COMBINE_HOW:
         raise ValueError(f"combine(how={how!r}) is invalid; allowed: {', '.join(COMBINE_HOW)}")
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+            raise ValueError(f"combine(rank={rank!r}) is invalid; allowed: None (the largest source rank) or an "
+                             "integer >= 1")
+        if how != "svd":
+            raise ValueError(f"combine(rank={rank!r}) only applies to how='svd'; how={how!r} keeps the source "
+                             "ranks (drop rank, or use how='svd')")
+        rank = int(rank)
     if not weights:
         raise ValueError("combine() needs at least one adapter in weights")
     reg = _check_known(model, list(weights))
@@ -624,6 +773,12 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", how:
         sources = [(layer.adapters[n], float(w)) for n, w in weights.items() if n in layer.adapters]
         if sources:
             plan_layers.append((path, layer, sources))
+    if rank is not None:
+        limit = {path: min(layer.ops.out_features, layer.ops.in_features) for path, layer, _ in plan_layers}
+        over = [p for p, m in limit.items() if rank > m]
+        if over:
+            raise ValueError(f"combine(rank={rank}) exceeds what layer {over[0]!r} can hold (rank <= "
+                             f"min(out, in) = {limit[over[0]]}); use rank <= {min(limit.values())}")
     new_adapters = {}
     for path, layer, sources in plan_layers:
         new_adapters[path] = method.combine(layer, sources, how, rank)

@@ -127,6 +127,10 @@ class Adapter(nn.Module):
     def on_base_changed(self) -> None:
         """The base weight changed (merge, Delta-LoRA update): drop caches derived from it."""
 
+    def on_unmerged(self) -> None:
+        """The layer restored its exact pre-merge weight itself (``unmerge_from`` was not called): drop any cache
+        kept for undoing the merge."""
+
     # -- training hooks -----------------------------------------------------------------------------------------
     # Driven by ``lorakit.training_hooks(model)`` (plain loops), the transformers callback and lorakit's Trainer.
     # Per-layer verbs have per-adapter classmethod wrappers, so a method needing a global view (AdaLoRA's budget,

@@ -153,6 +153,10 @@ class DeltaLoraAdapter(LoraAdapter):
     def _move_base(self, layer: "AdaptedLayer", diff: torch.Tensor) -> None:
         ops = layer.ops
         dtype = ops.weight_matrix().dtype
+        if layer.merged:  # other adapters are folded into W: move the un-merged base, they are folded back on top
+            self.shift += diff
+            layer._apply_weight(lambda w: w + diff)
+            return
         if dtype in LOW_PRECISION:
             if self.w0 is None:  # W = round(W₀ + shift) before this update
                 self.w0 = (ops.weight_matrix(self.shift.dtype) - self.shift).to(dtype)

@@ -351,6 +351,9 @@ class DoraAdapter(LoraAdapter):
         self._merged = (c, delta, None)
         return w32 + delta
 
+    def on_unmerged(self) -> None:
+        self._merged = None  # the layer restored its exact pre-merge weight; the undo cache is not needed
+
     def unmerge_from(self, layer: "AdaptedLayer", w32: torch.Tensor) -> torch.Tensor:
         if self._merged is None:
             raise RuntimeError(f"{self.path}: DoRA unmerge without a merge cache (was the adapter merged by lorakit?)")

@@ -13,6 +13,7 @@ built full-precision model (a "skeleton"), without quantising anything again, an
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -230,16 +231,39 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
 
 
+#: what quantize() leaves in full precision when ``skip`` is not given (QLoRA's choice), where the model has it
+DEFAULT_SKIP = ("lm_head",)
+
+
+def _names_module(name: str, path: str) -> bool:
+    """``name`` is ``path``, a dotted suffix of it, or a regex matching all of it."""
+    return path == name or path.endswith("." + name) or re.fullmatch(name, path) is not None
+
+
 def _skipped(path: str, skip: Sequence[str]) -> bool:
+    """``path`` or one of the modules containing it is named by a ``skip`` entry (a container skips its layers)."""
+    parts = path.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(_names_module(name, prefix) for name in skip for prefix in prefixes)
+
+
+def _check_skip(model: nn.Module, skip: Sequence[str]) -> None:
+    """Every ``skip`` entry must be a valid regex and name at least one module: a typo must not silently quantise
+    the layer it meant to keep."""
+    paths = [p for p, _ in model.named_modules() if p]
     for name in skip:
-        if path == name or path.endswith("." + name) or path.split(".")[-1] == name:
-            return True
         try:
-            if re.fullmatch(name, path):
-                return True
-        except re.error:
-            continue
-    return False
+            re.compile(name)
+        except re.error as err:
+            raise ValueError(f"quantize(skip=...): {name!r} is not a valid regular expression ({err}); give a "
+                             "module name, a dotted path suffix, or a regex matching a whole module path") from None
+        if not any(_names_module(name, p) for p in paths):
+            choices = sorted(set(paths) | {p.rsplit(".", 1)[-1] for p in paths})
+            close = difflib.get_close_matches(name, choices, n=5, cutoff=0.6)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(f"quantize(skip=...): {name!r} matches no module of this model, so nothing would be "
+                             f"skipped.{hint} Entries are module names, dotted path suffixes, or regexes matching a "
+                             "whole module path.")
 
 
 def _quant_targets(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, nn.Module, str]]:
@@ -266,10 +290,13 @@ def _quant_targets(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, nn.
 
 
 def quantize(model: nn.Module, bits: int = 4, double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
-             skip: Sequence[str] = ("lm_head",), blocksize: int = 64) -> nn.Module:
+             skip: Sequence[str] | None = None, blocksize: int = 64) -> nn.Module:
     """Replace every ``nn.Linear`` (and transformers ``Conv1D``) of ``model`` in place by an NF4 :class:`Linear4bit`.
 
-    * ``skip``: module names (suffixes) or regexes left in full precision (QLoRA leaves ``lm_head``);
+    * ``skip``: modules left in full precision, each given as a module name, a dotted path suffix or a regex
+      matching a whole path; a container (e.g. a classification head module) skips every layer inside it. Each
+      entry must be a valid regex and match at least one module (else ValueError, with close names). Default
+      (None): ``lm_head``, where the model has one, as QLoRA does;
     * norms (LayerNorm, RMSNorm, any module whose class name contains "norm") are cast to fp32, as QLoRA does;
       every other module keeps its dtype (load the model in bf16 first to reproduce QLoRA's setup exactly);
     * layers already wrapped by lorakit adapters are quantised underneath their adapters (QPiSSA: attach
@@ -292,10 +319,14 @@ def quantize(model: nn.Module, bits: int = 4, double_quant: bool = True, compute
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"quantize(compute_dtype={compute_dtype}) is invalid; allowed: torch.float32, "
                          "torch.bfloat16, torch.float16")
-    if isinstance(skip, str):
-        skip = (skip,)
-    if not all(isinstance(s, str) for s in skip):
-        raise ValueError(f"quantize(skip={skip!r}) must be a sequence of module names or regexes")
+    if skip is None:
+        skip = DEFAULT_SKIP
+    else:
+        if isinstance(skip, str):
+            skip = (skip,)
+        if not all(isinstance(s, str) for s in skip):
+            raise ValueError(f"quantize(skip={skip!r}) must be a sequence of module names or regexes")
+        _check_skip(model, skip)
     targets = _quant_targets(model, skip)
     if not targets:
         raise ValueError("quantize() found no nn.Linear/Conv1D layer to quantise (everything skipped?)")

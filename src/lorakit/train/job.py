@@ -211,7 +211,8 @@ def run_job(job: JobConfig) -> dict[str, Any]:
     if job.quantize:
         from ..quant import quantize
 
-        quantize(model, compute_dtype=torch.float32, skip=tuple(head_modules(model, task)) + ("lm_head",))
+        # the trained head stays full precision; without one, quantize's default keeps lm_head (where present)
+        quantize(model, compute_dtype=torch.float32, skip=tuple(head_modules(model, task)) or None)
     adapter_cfg = dict(job.adapter)
     adapter_cfg["modules_to_save"] = sorted(set(adapter_cfg.get("modules_to_save") or [])
                                             | set(head_modules(model, task)))
