@@ -51,7 +51,7 @@ def test_adapter_bools_are_not_numbers_for_any_method(field, value):
 ])
 def test_adapter_every_field_type_checked_for_lora(field, value):
     with pytest.raises(ValueError) as err:
-        AdapterConfig(method="lora", **{field: value})
+        AdapterConfig(**{"method": "lora", field: value})
     assert f"AdapterConfig.{field}=" in str(err.value)
 
 

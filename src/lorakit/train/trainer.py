@@ -64,23 +64,35 @@ class TrainConfig:
     group_by_length: bool = False  # batches of similar lengths (less padding); still seeded and resumable
 
     def __post_init__(self) -> None:
-        # values from YAML/flags may arrive as strings ("2e-4" is a string in YAML 1.1): coerce by declared type
+        # Every field is checked against its declared type (fields added later are covered too), then its range;
+        # numbers written as strings (YAML 1.1 reads 2e-4 as a string) become numbers, nothing else is guessed.
+        from ..config import coerce_field
+        from ..optim import _ALIASES, OPTIMIZERS
+
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            kind = str(f.type)
-            if isinstance(value, str) and kind.startswith(("float", "int")):
-                try:
-                    setattr(self, f.name, (float if kind.startswith("float") else int)(value))
-                except ValueError:
-                    raise ValueError(f"TrainConfig.{f.name}={value!r} is invalid; allowed: a number") from None
+            setattr(self, f.name, coerce_field("TrainConfig", f.name, getattr(self, f.name), f.type))
+        optimizer = self.optimizer.lower().replace("-", "_")
         checks = [
             ("steps", self.steps >= 1, "an integer >= 1"),
             ("batch_size", self.batch_size >= 1, "an integer >= 1"),
             ("grad_accum", self.grad_accum >= 1, "an integer >= 1"),
             ("lr", self.lr > 0, "a positive number"),
+            ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
+            ("optimizer", _ALIASES.get(optimizer, optimizer) in OPTIMIZERS, ", ".join(OPTIMIZERS)),
+            ("loraplus_ratio", self.loraplus_ratio is None or self.loraplus_ratio > 0,
+             "None (plain learning rates) or a positive number"),
             ("schedule", self.schedule in SCHEDULES, ", ".join(SCHEDULES)),
             ("warmup_steps", self.warmup_steps >= 0, "an integer >= 0"),
+            # a negative norm makes clip_grad_norm_ flip the gradients (gradient ascent); 0 would silently not clip
+            ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0,
+             "None (no clipping) or a positive number"),
+            ("seed", abs(self.seed) < 2**53, "an integer with |seed| < 2**53"),
+            ("eval_every", self.eval_every >= 0, "an integer >= 0 (0: only at the end)"),
+            ("log_every", self.log_every >= 0, "an integer >= 0"),
+            ("save_every", self.save_every >= 0, "an integer >= 0 (0: only at the end)"),
             ("keep_last", self.keep_last >= 1, "an integer >= 1"),
+            ("output_dir", self.output_dir is None or self.output_dir.strip() != "", "None or a folder path"),
+            ("resume", self.resume is None or self.resume.strip() != "", "None or a run or checkpoint folder"),
             ("distributed", self.distributed in ("ddp", "fsdp", "none"), "ddp, fsdp, none"),
         ]
         for name, ok, allowed in checks:
