@@ -14,6 +14,16 @@ import lorakit
 from lorakit.cli import main
 
 
+@pytest.fixture(autouse=True)
+def no_progress_bars():
+    """transformers' own loading bars also go to stderr; silence them so stderr holds only what lorakit says."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    yield
+    logging.enable_progress_bar()
+
+
 def run(argv, capsys):
     """Run the CLI in-process; returns (exit code, stdout, stderr)."""
     code = 0
@@ -71,7 +81,8 @@ def test_truncated_checkpoint_on_resume(trained, capsys):
     model_dir, data, out_dir = trained
     for state in out_dir.glob("ckpt-*/state.safetensors"):
         truncate(state)
-    code, _, err = run(train_argv(model_dir, data, out_dir, "--steps", "4", "--resume", str(out_dir)), capsys)
+    code, _, err = run(train_argv(model_dir, data, out_dir, "--steps", "4", "--r", "2", "--resume", str(out_dir)),
+                       capsys)
     one_line_error(code, err)
     assert str(out_dir) in err
 
@@ -222,23 +233,23 @@ def test_classification_rows_fed_to_a_causal_lm(tiny_chat_folder, tiny_classifie
     assert not out_dir.exists()
 
 
-@pytest.mark.parametrize("suffix, content", [
-    (".jsonl", b'{"text": "a witty film", "label": 1}\n{"text": "caf\xe9 mess", "label": 0}\n'),
-    (".csv", b"text,label\na witty film,1\ncaf\xe9 mess,0\n"),
+@pytest.mark.parametrize("suffix, content, line", [
+    (".jsonl", b'{"text": "a witty film", "label": 1}\n{"text": "caf\xe9 mess", "label": 0}\n', 2),
+    (".csv", b"text,label\na witty film,1\ncaf\xe9 mess,0\n", 3),
 ])
-def test_non_utf8_data_file(tiny_classifier_folder, tmp_path, capsys, suffix, content):
+def test_non_utf8_data_file(tiny_classifier_folder, tmp_path, capsys, suffix, content, line):
     model_dir, _ = tiny_classifier_folder
     data = tmp_path / f"bad{suffix}"
     data.write_bytes(content)
     code, _, err = run(train_argv(model_dir, data, tmp_path / "run", "--steps", "1"), capsys)
     one_line_error(code, err)
-    assert f"{data}, line 2" in err and "UTF-8" in err
+    assert f"{data}, line {line}:" in err and "UTF-8" in err
 
 
 def test_resume_with_another_optimizer_is_one_line(trained, capsys):
     model_dir, data, out_dir = trained
-    code, _, err = run(train_argv(model_dir, data, out_dir, "--steps", "4", "--resume", str(out_dir), "--set",
-                                  "train.optimizer=sgd"), capsys)
+    code, _, err = run(train_argv(model_dir, data, out_dir, "--steps", "4", "--r", "2", "--resume", str(out_dir),
+                                  "--set", "train.optimizer=sgd"), capsys)
     assert code in (1, 2) and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 

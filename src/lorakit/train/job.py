@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -160,8 +162,9 @@ def resolve_model_path(model: str) -> str:
 
 def detect_task(path: str) -> str:
     """'lm' for causal-LM architectures, else 'classification'."""
-    cfg = json.loads(Path(path, "config.json").read_text())
-    archs = " ".join(cfg.get("architectures") or [])
+    cfg = _read_json_object(Path(path, "config.json"), "a transformers model config")
+    archs = cfg.get("architectures") or []
+    archs = " ".join(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else ""
     return "lm" if "CausalLM" in archs or "LMHead" in archs else "classification"
 
 
@@ -208,6 +211,8 @@ def run_job(job: JobConfig) -> dict[str, Any]:
     from . import data as data_mod
     from .trainer import TrainConfig, Trainer
 
+    # everything that can be checked without the model is checked first: nothing is loaded or written on error
+    train_cfg = TrainConfig(**{"output_dir": job.output_dir, **job.train})
     path = resolve_model_path(job.model)
     task = detect_task(path) if job.task == "auto" else job.task
     records = data_mod.load_source(job.data)
@@ -215,12 +220,19 @@ def run_job(job: JobConfig) -> dict[str, Any]:
     if task == "classification" and fmt != "classification":
         raise ValueError(f"data {job.data!r} looks like {fmt!r} rows but the model is a classifier; use "
                          f"text,label rows or an LM model")
+    if task == "lm" and fmt == "classification":
+        raise ValueError(f"data {job.data!r} has classification rows (text, label) but the model {job.model!r} is a "
+                         f"causal LM; use a classifier model (e.g. --model minilm) for them, or train the LM on the "
+                         f"text alone with --set format=text")
+    seed, how = _adapter_seed(job, train_cfg)
+    if how != "given":
+        job = dataclasses.replace(job, adapter={**job.adapter, "seed": seed})  # recorded in job.yaml and the adapter
     labels = data_mod.label_names(records) if fmt == "classification" else None
     model, tokenizer = load_base(path, task, num_labels=len(labels) if labels else None)
     if labels:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {v: k for k, v in enumerate(labels)}
-    train_rows, val_rows = data_mod.split(records, job.val_fraction, seed=int(job.train.get("seed", 0)))
+    train_rows, val_rows = data_mod.split(records, job.val_fraction, seed=train_cfg.seed)
     train_set = data_mod.encode(train_rows, tokenizer, fmt, max_length=job.max_length, packing=job.packing,
                                 labels=labels)
     val_set = data_mod.encode(val_rows, tokenizer, fmt, max_length=job.max_length, labels=labels) if val_rows else None
@@ -232,20 +244,64 @@ def run_job(job: JobConfig) -> dict[str, Any]:
     adapter_cfg["modules_to_save"] = sorted(set(adapter_cfg.get("modules_to_save") or [])
                                             | set(head_modules(model, task)))
     model_api.attach(model, AdapterConfig(**adapter_cfg))
-    train_cfg = TrainConfig(**{"output_dir": job.output_dir, **job.train})
     out = Path(train_cfg.output_dir)
     trainer = Trainer(model, train_cfg, train_set, val_set, collate_fn=data_mod.Collator(tokenizer),
                       task="classification" if task == "classification" else "lm")
     if trainer.info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "job.yaml").write_text(job.to_yaml())
+        if how == "drawn":
+            print(f"adapter.seed was not set: drew adapter.seed={seed} (recorded in {out / 'job.yaml'} and the "
+                  f"adapter's config); --set adapter.seed={seed} repeats this run", file=sys.stderr)
     result = trainer.train()
     if trainer.info.is_main and not result.interrupted:
         (out / "adapter" / RUN_FILE).write_text(json.dumps(
             {"model": path, "task": task, "labels": labels, "max_length": job.max_length}, indent=2))
     return {"output_dir": str(out), "adapter": str(out / "adapter"), "steps": len(result.losses),
             "final_loss": result.losses[-1] if result.losses else None, "eval": result.final_eval,
-            "seconds_per_step": result.seconds_per_step, "interrupted": result.interrupted}
+            "seconds_per_step": result.seconds_per_step, "interrupted": result.interrupted, "adapter_seed": seed}
+
+
+def _adapter_seed(job: JobConfig, train_cfg: Any) -> tuple[int, str]:
+    """(adapter seed, how): "given" in the config, "recorded" by the run being resumed, or freshly "drawn".
+
+    A drawn seed is the same on every process of a torchrun job (rank 0 draws, the others receive it).
+    """
+    given = job.adapter.get("seed")
+    if given is not None:
+        return int(given), "given"
+    if train_cfg.resume:
+        recorded = _recorded_seed(Path(train_cfg.resume))
+        if recorded is not None:
+            return recorded, "recorded"
+    seed = random.SystemRandom().randrange(2**31)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        import torch.distributed as dist
+
+        from . import distributed as dist_utils
+
+        info = dist_utils.setup()
+        value = torch.tensor([seed], dtype=torch.int64, device=dist_utils.device_for(info))
+        dist.broadcast(value, src=0)
+        seed = int(value.item())
+    return seed, "drawn"
+
+
+def _recorded_seed(resume: Path) -> int | None:
+    """The adapter seed of the run that ``resume`` (a run folder or one of its ckpt-N folders) continues."""
+    import yaml
+
+    from ..config import is_int
+
+    for run_folder in (resume, resume.parent):
+        try:
+            seed = yaml.safe_load((run_folder / "job.yaml").read_text())["adapter"]["seed"]
+        except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):
+            continue  # no readable record here; a broken checkpoint is reported by the trainer itself
+        if is_int(seed):
+            return seed
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,7 +312,7 @@ def _run_info(adapter: str | os.PathLike, model: str | None, default_task: str |
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {str(folder)!r} does not exist")
     info_file = folder / RUN_FILE
-    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    info = _read_run_file(info_file, model_given=model is not None) if info_file.exists() else {}
     if model is not None:
         info["model"] = resolve_model_path(model)
     if "model" not in info:
@@ -346,22 +402,29 @@ class ChatSession:
 
 def describe_adapter(adapter: str | os.PathLike) -> str:
     """A readable summary of an adapter folder: method, ranks per layer, parameter counts and files."""
-    from ..io import read_folder
+    from ..io import CONFIG_FILE, WEIGHTS_FILE, AdapterLoadError, read_folder
 
     folder = Path(adapter)
-    if (folder / "adapter_config.json").exists() and not (folder / "lorakit_config.json").exists():
-        cfg = json.loads((folder / "adapter_config.json").read_text())
-        from safetensors import safe_open
-
-        with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
-            n = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    if (folder / "adapter_config.json").exists() and not (folder / CONFIG_FILE).exists():
+        cfg = _read_json_object(folder / "adapter_config.json", "a PEFT adapter config")
+        weights = folder / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise AdapterLoadError(f"{folder} has no adapter_model.safetensors (lorakit never reads "
+                                   f"adapter_model.bin, a pickle); save the adapter with safe_serialization=True")
+        n = _count_safetensors(weights)
         return (f"PEFT adapter at {folder}\n  peft_type: {cfg.get('peft_type')}  r: {cfg.get('r')}  "
                 f"alpha: {cfg.get('lora_alpha')}\n  targets: {cfg.get('target_modules')}\n  parameters: {n:,}")
-    meta, tensors = read_folder(folder)
+    try:
+        meta, tensors = read_folder(folder)
+    except _safetensors_error() as exc:  # io reports its own reads with the path; this is the safety net
+        raise AdapterLoadError(f"{folder / WEIGHTS_FILE}: cannot be read ({exc}); the file is truncated or "
+                               f"corrupt: save the adapter again") from None
     lines = [f"lorakit adapter folder {folder}"]
     for name, entry in meta["adapters"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("config", entry), dict):
+            raise AdapterLoadError(f"{folder / CONFIG_FILE}: the entry of adapter {name!r} is not a JSON object")
         cfg = entry.get("config", entry)
-        own = {k: v for k, v in tensors.items() if k.startswith(name + "|")}
+        own = {k: v for k, v in tensors.items() if k.startswith(f"{name}|")}
         layers: dict[str, int] = {}
         for key, t in own.items():
             parts = key.split("|")
@@ -379,12 +442,64 @@ def describe_adapter(adapter: str | os.PathLike) -> str:
             lines.append(f"    rank pattern: {cfg['rank_pattern']}")
     info = folder / RUN_FILE
     if info.exists():
-        run = json.loads(info.read_text())
+        run = _read_run_file(info)
         lines.append(f"  base model: {run.get('model')}  task: {run.get('task')}")
     lines.append("  files:")
     for f in sorted(folder.iterdir()):
         lines.append(f"    {f.name}  {f.stat().st_size:,} bytes")
     return "\n".join(lines)
+
+
+def _safetensors_error() -> type[Exception]:
+    from safetensors import SafetensorError
+
+    return SafetensorError
+
+
+def _count_safetensors(path: Path) -> int:
+    """Number of values in a safetensors file, read from its header only (nothing is unpickled)."""
+    from safetensors import safe_open
+
+    from ..io import AdapterLoadError
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    except _safetensors_error() as exc:
+        raise AdapterLoadError(f"{path}: cannot be read ({exc}); the file is truncated or corrupt: save the "
+                               f"adapter again") from None
+
+
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; errors name the file."""
+    from ..io import AdapterLoadError
+
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterLoadError(f"{path}: not valid JSON ({err}); it should hold {what}") from None
+    if not isinstance(data, dict):
+        raise AdapterLoadError(f"{path}: expected a JSON object ({what}), got a {type(data).__name__}")
+    return data
+
+
+def _read_run_file(path: Path, model_given: bool = False) -> dict[str, Any]:
+    """``lorakit_run.json`` (base model, task, labels, max_length), checked so a bad value names the file; its
+    ``model`` is not checked when the caller was given one (``--model``)."""
+    from ..config import is_int
+    from ..io import AdapterLoadError
+
+    info = _read_json_object(path, "the adapter's base model and task")
+    checks = [("model", lambda v: isinstance(v, str) and v, "the base model folder (a string)"),
+              ("task", lambda v: v in ("classification", "lm"), "'classification' or 'lm'"),
+              ("labels", lambda v: v is None or (isinstance(v, list) and all(isinstance(x, (str, int))
+                                                                             for x in v)), "null or a list of labels"),
+              ("max_length", lambda v: is_int(v) and v >= 2, "an integer >= 2")]
+    for key, ok, allowed in checks:
+        if key in info and not ok(info[key]) and not (key == "model" and model_given):
+            raise AdapterLoadError(f"{path}: {key}={info[key]!r} is invalid; allowed: {allowed} (fix the file, or "
+                                   f"pass --model to say which base model to use)")
+    return info
 
 
 def _parse_value(text: str) -> Any:
