@@ -47,14 +47,37 @@ def train_argv(model_dir, data, out_dir, *extra):
             "--set", "train.progress=false", "--set", "train.batch_size=8", *extra]
 
 
-@pytest.fixture
-def trained(tmp_path, tiny_classifier_folder, capsys):
-    """A finished two-step classifier run: (model_dir, data, run folder)."""
-    model_dir, data = tiny_classifier_folder
-    out_dir = tmp_path / "run"
-    code, _, err = run(train_argv(model_dir, data, out_dir, "--steps", "2", "--r", "2"), capsys)
-    assert code == 0, err
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    """One finished two-step classifier run per module: (model_dir, data, run folder); copied, never changed."""
+    from conftest import SENTIMENT, tiny_tokenizer
+    from transformers import BertConfig, BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("trained")
+    model_dir = root / "tiny-bert"
+    tok = tiny_tokenizer(model_dir, [t for t, _ in SENTIMENT])
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64,
+                                             max_position_embeddings=64)).save_pretrained(model_dir)
+    data = root / "sentiment.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t, "label": ["negative", "positive"][y]})
+                              for t, y in SENTIMENT * 8) + "\n")
+    out_dir = root / "run"
+    try:
+        main(train_argv(model_dir, data, out_dir, "--steps", "2", "--r", "2"))
+    except SystemExit as exc:
+        assert not exc.code
     return model_dir, data, out_dir
+
+
+@pytest.fixture
+def trained(trained_once, tmp_path):
+    """A private copy of the finished run: (model_dir, data, run folder)."""
+    model_dir, data, out_dir = trained_once
+    copy = tmp_path / "run"
+    shutil.copytree(out_dir, copy)
+    return model_dir, data, copy
 
 
 def truncate(path):
@@ -128,18 +151,23 @@ def test_peft_folder_without_safetensors_in_inspect(tmp_path, capsys):
 
 def test_peft_r_null_is_one_line(tmp_path, tiny_classifier_folder, capsys):
     model_dir, _ = tiny_classifier_folder
-    folder = peft_folder(tmp_path, {**PEFT_CFG, "r": None, "target_modules": ["query"]})
+    folder = tmp_path / "peft-r-null"  # an adapter that fits the tiny BERT, but with "r": null
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({**PEFT_CFG, "r": None, "target_modules": ["query"]}))
+    prefix = "base_model.model.bert.encoder.layer.0.attention.self.query."
+    save_file({prefix + "lora_A.weight": torch.zeros(2, 32), prefix + "lora_B.weight": torch.zeros(32, 2)},
+              str(folder / "adapter_model.safetensors"))
     code, _, err = run(["predict", str(folder), "a witty film", "--model", str(model_dir)], capsys)
     assert code in (1, 2) and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("text", ["[1]", "{broken", '{"model": 5}', '{"task": "poetry"}'])
-def test_broken_run_file_names_it(trained, capsys, text):
+def test_broken_run_file_names_it(trained, capsys):
     _, _, out_dir = trained
-    (out_dir / "adapter" / "lorakit_run.json").write_text(text)
-    code, _, err = run(["predict", str(out_dir / "adapter"), "a witty film"], capsys)
-    one_line_error(code, err)
-    assert "lorakit_run.json" in err
+    for text in ["[1]", "{broken", '{"model": 5}', '{"task": "poetry"}', '{"max_length": true}']:
+        (out_dir / "adapter" / "lorakit_run.json").write_text(text)
+        code, _, err = run(["predict", str(out_dir / "adapter"), "a witty film"], capsys)
+        one_line_error(code, err)
+        assert "lorakit_run.json" in err
 
 
 def test_adapter_entry_that_is_not_an_object_in_inspect(trained, capsys):

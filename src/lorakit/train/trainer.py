@@ -69,35 +69,44 @@ class TrainConfig:
         from ..config import coerce_field
         from ..optim import _ALIASES, OPTIMIZERS
 
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, coerce_field("TrainConfig", f.name, getattr(self, f.name), f.type))
-        optimizer = self.optimizer.lower().replace("-", "_")
-        checks = [
-            ("steps", self.steps >= 1, "an integer >= 1"),
-            ("batch_size", self.batch_size >= 1, "an integer >= 1"),
-            ("grad_accum", self.grad_accum >= 1, "an integer >= 1"),
-            ("lr", self.lr > 0, "a positive number"),
-            ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
-            ("optimizer", _ALIASES.get(optimizer, optimizer) in OPTIMIZERS, ", ".join(OPTIMIZERS)),
-            ("loraplus_ratio", self.loraplus_ratio is None or self.loraplus_ratio > 0,
-             "None (plain learning rates) or a positive number"),
-            ("schedule", self.schedule in SCHEDULES, ", ".join(SCHEDULES)),
-            ("warmup_steps", self.warmup_steps >= 0, "an integer >= 0"),
+        def optimizer_known(name: str) -> bool:
+            key = name.lower().replace("-", "_")
+            return _ALIASES.get(key, key) in OPTIMIZERS
+
+        checks: dict[str, tuple[Callable[[Any], bool], str]] = {
+            "steps": (lambda v: v >= 1, "an integer >= 1"),
+            "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+            "grad_accum": (lambda v: v >= 1, "an integer >= 1"),
+            "lr": (lambda v: v > 0, "a positive number"),
+            "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+            "optimizer": (optimizer_known, ", ".join(OPTIMIZERS)),
+            "loraplus_ratio": (lambda v: v is None or v > 0, "None (plain learning rates) or a positive number"),
+            "schedule": (lambda v: v in SCHEDULES, ", ".join(SCHEDULES)),
+            "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
             # a negative norm makes clip_grad_norm_ flip the gradients (gradient ascent); 0 would silently not clip
-            ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0,
-             "None (no clipping) or a positive number"),
-            ("seed", abs(self.seed) < 2**53, "an integer with |seed| < 2**53"),
-            ("eval_every", self.eval_every >= 0, "an integer >= 0 (0: only at the end)"),
-            ("log_every", self.log_every >= 0, "an integer >= 0"),
-            ("save_every", self.save_every >= 0, "an integer >= 0 (0: only at the end)"),
-            ("keep_last", self.keep_last >= 1, "an integer >= 1"),
-            ("output_dir", self.output_dir is None or self.output_dir.strip() != "", "None or a folder path"),
-            ("resume", self.resume is None or self.resume.strip() != "", "None or a run or checkpoint folder"),
-            ("distributed", self.distributed in ("ddp", "fsdp", "none"), "ddp, fsdp, none"),
-        ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid; allowed: {allowed}")
+            "max_grad_norm": (lambda v: v is None or v > 0, "None (no clipping) or a positive number"),
+            "seed": (lambda v: abs(v) < 2**53, "an integer with |seed| < 2**53"),
+            "eval_every": (lambda v: v >= 0, "an integer >= 0 (0: only at the end)"),
+            "log_every": (lambda v: v >= 0, "an integer >= 0"),
+            "save_every": (lambda v: v >= 0, "an integer >= 0 (0: only at the end)"),
+            "keep_last": (lambda v: v >= 1, "an integer >= 1"),
+            "output_dir": (lambda v: v is None or v.strip() != "", "None or a folder path"),
+            "resume": (lambda v: v is None or v.strip() != "", "None or a run or checkpoint folder"),
+            "distributed": (lambda v: v in ("ddp", "fsdp", "none"), "ddp, fsdp, none"),
+        }
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name not in checks:  # the type is all there is to check
+                setattr(self, f.name, coerce_field("TrainConfig", f.name, value, f.type))
+                continue
+            ok, allowed = checks[f.name]
+            try:
+                coerced = coerce_field("TrainConfig", f.name, value, f.type)
+            except ValueError:
+                coerced, ok = None, None  # the wrong type: the message says what is allowed, range included
+            if ok is None or not ok(coerced):
+                raise ValueError(f"TrainConfig.{f.name}={value!r} is invalid; allowed: {allowed}")
+            setattr(self, f.name, coerced)
 
 
 @dataclass
