@@ -260,3 +260,8 @@ def test_utf8_with_bom_still_reads(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"text": "caf\xc3\xa9"}\n')
     assert load_records(path)[0]["text"] == "café"
+
+
+def test_data_folder_instead_of_file(tmp_path):
+    with pytest.raises(DataError, match="is a folder"):
+        load_records(tmp_path)

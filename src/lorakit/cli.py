@@ -130,7 +130,7 @@ def train(
             overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
     _reading(config)
     job = JobConfig.from_sources(config, overrides)
-    _reading(job.train.get("resume"), job.model, job.data)
+    _reading(job.train.get("resume"), job.model)  # the files a safetensors error can come from
     if dry_run:
         typer.echo(job.to_yaml())
         return

@@ -1,8 +1,9 @@
 """AdapterConfig: one validated, JSON-serialisable configuration for every family member.
 
-Common fields apply to every method; method-specific fields are ignored by methods that do not use them and
-are validated by the method that does (``methods/<name>.py``), so a bad value fails at construction time,
-before any model is touched.
+Common fields apply to every method; method-specific fields are ignored by methods that do not use them. Every
+field's type is checked for every method (a bool is never a number, a string never a number), and the range of a
+method-specific field by the method that uses it (``methods/<name>.py``), so a bad value fails at construction
+time, before any model is touched.
 """
 from __future__ import annotations
 

@@ -88,6 +88,8 @@ def load_records(source: str | os.PathLike | Sequence[Mapping[str, Any]]) -> lis
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if path.is_dir():
+            raise DataError(str(path), "is a folder; pass a .jsonl, .json or .csv file")
         if not path.is_file():
             raise FileNotFoundError(f"data file {str(path)!r} does not exist")
         suffix = path.suffix.lower()

@@ -294,7 +294,8 @@ def _recorded_seed(resume: Path) -> int | None:
 
     from ..config import is_int
 
-    for run_folder in (resume, resume.parent):
+    # the run folder itself, or the run folder holding the checkpoint folder given
+    for run_folder in (resume, resume.parent) if (resume / "state.json").exists() else (resume,):
         try:
             seed = yaml.safe_load((run_folder / "job.yaml").read_text())["adapter"]["seed"]
         except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):
