@@ -156,8 +156,11 @@ def _short_list(names: Sequence[str], limit: int = 40) -> str:
 
 
 def _check_name(name: Any) -> None:
-    if not isinstance(name, str) or not name or "/" in name or "." in name or name.strip() != name:
-        raise ValueError(f"adapter name {name!r} is invalid; use a non-empty string without '.', '/' or spaces")
+    """Refuse adapter names that break a save key ("<name>|layer|..."), a PEFT subfolder or a module attribute."""
+    if (not isinstance(name, str) or not name or name.strip() != name or not name.isprintable()
+            or any(c in name for c in "./\\|") or hasattr(nn.ModuleDict(), name)):
+        raise ValueError(f"adapter name {name!r} is invalid; use a non-empty printable string without '.', '/', "
+                         f"'\\', '|' or surrounding spaces, and not an nn.Module attribute name (e.g. 'keys')")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .config import AdapterConfig
-from .io import SEP, AdapterLoadError, _atomic_folder, _load_one
+from .io import SEP, AdapterLoadError, _atomic_folder, _check_save_target, _load_one, _read_weights
 from .model import adapted_layers, registry, set_active
 
 PEFT_CONFIG = "adapter_config.json"
@@ -76,7 +76,7 @@ def read_peft_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
                                   f"it with PEFT's save_pretrained(safe_serialization=True)")
         raise FileNotFoundError(f"{folder} has no {PEFT_WEIGHTS}")
     cfg = json.loads(cfg_file.read_text())
-    raw = load_file(str(w_file))
+    raw = _read_weights(w_file)[0]  # corrupt/incomplete files and NaN/inf tensors: a clear error naming the file
     tensors = {}
     for key, t in raw.items():
         if key.startswith(PREFIX):
@@ -333,7 +333,8 @@ def peft_adapter_folders(path: str | os.PathLike) -> dict[str, Path]:
         found["default"] = folder
     if folder.is_dir():
         for sub in sorted(folder.iterdir()):
-            if sub.is_dir() and (sub / PEFT_CONFIG).exists() and sub.name not in found:
+            # hidden folders are no adapters (lorakit's temporaries are hidden; adapter names never start with '.')
+            if sub.is_dir() and not sub.name.startswith(".") and (sub / PEFT_CONFIG).exists() and sub.name not in found:
                 found[sub.name] = sub
     return found
 
@@ -455,6 +456,14 @@ def save_peft(model: nn.Module, path: str | os.PathLike, names: Sequence[str], b
     if len(set(names)) != len(names):
         raise ValueError(f"save(format='peft') got repeated adapter names {names}")
     plans = [(name, _peft_payload(model, name)) for name in names]  # every check before anything is written
+    folder = Path(path)
+    _check_save_target(folder, "peft")
+    written = {folder if len(plans) == 1 or name == "default" else folder / name for name, _ in plans}
+    stale = {n: p for n, p in peft_adapter_folders(folder).items() if p not in written} if folder.is_dir() else {}
+    if stale:  # left in place they would load next to the new adapters
+        raise ValueError(f"cannot save into {str(folder)!r}: it holds PEFT adapter(s) {sorted(stale)} "
+                         f"({', '.join(str(p) for p in stale.values())}) that this save would not replace, and "
+                         f"loading the folder would pick them up too; remove them or save to another folder")
 
     def write(folder: Path) -> None:
         for name, (cfg, tensors) in plans:

@@ -2,6 +2,11 @@
 
 A checkpoint folder ``ckpt-<step>/`` holds the adapter (lorakit format), the optimiser and scheduler state, the
 RNG states and the trainer's position, so a resumed run continues bit-for-bit where the interrupted one stopped.
+
+Reading is strict: :func:`read_checkpoint` reads every file of a checkpoint (state and adapter) and raises
+:class:`CorruptCheckpointError` (a ValueError naming the folder and the problem) for a truncated, half-written or
+hand-edited one; :func:`find_resumable` uses that to fall back from a corrupt newest checkpoint to the newest
+intact one, leaving the bad one where it is.
 """
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,6 +23,12 @@ from safetensors.torch import load_file, save_file
 from ..io import _atomic_folder
 
 TENSOR_MARK = "__tensor__"
+#: the parts every checkpoint has (written by the trainer)
+REQUIRED_PARTS = ("trainer", "optimizer", "scheduler", "rng")
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint folder cannot be read back (truncated or missing file, invalid JSON, corrupt adapter)."""
 
 
 def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") -> Any:
@@ -80,14 +91,105 @@ def write_checkpoint(folder: Path, parts: dict[str, Any], adapter_writer) -> Pat
 
 
 def read_checkpoint(folder: Path) -> dict[str, Any]:
-    """Read the nested state written by :func:`write_checkpoint` (the adapter is read by the caller)."""
+    """Read the nested state written by :func:`write_checkpoint` and check that its adapter files read back.
+
+    Raises :class:`CorruptCheckpointError` naming the folder and the problem if any file is truncated, missing or
+    invalid (the adapter itself is loaded into the model by the caller).
+    """
     folder = Path(folder)
     if not (folder / "state.json").exists():
         raise FileNotFoundError(f"{folder} is not a lorakit checkpoint (no state.json); point --resume at a "
                                 "ckpt-<step> folder or at the run's output folder")
-    tensors = load_file(str(folder / "state.safetensors"))
-    meta = json.loads((folder / "state.json").read_text())
-    return {name: unflatten_state(value, tensors) for name, value in meta.items()}
+    try:
+        tensors = load_file(str(folder / "state.safetensors"))
+        meta = json.loads((folder / "state.json").read_text())
+        if not isinstance(meta, dict) or any(part not in meta for part in REQUIRED_PARTS):
+            raise ValueError(f"state.json lacks one of {', '.join(REQUIRED_PARTS)}")
+        state = {name: unflatten_state(value, tensors) for name, value in meta.items()}
+        if not isinstance(state["trainer"], dict) or not isinstance(state["trainer"].get("step"), int):
+            raise ValueError("state.json has no trainer step")
+        _read_adapter(folder / "adapter")
+    except Exception as err:  # every way a file can be broken: report it as this checkpoint's problem
+        raise CorruptCheckpointError(f"checkpoint {folder} is unreadable ({type(err).__name__}: "
+                                     f"{_one_line(err)})") from None
+    return state
+
+
+def _read_adapter(folder: Path) -> None:
+    """Read the checkpoint's adapter files completely (lorakit format or the trainer's trainable tensors)."""
+    from ..io import read_folder
+
+    trainable = folder / "trainable.safetensors"
+    if trainable.exists():
+        load_file(str(trainable))
+    else:
+        read_folder(folder)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+class Resumable(NamedTuple):
+    """The checkpoint a resume uses, its state, and the newer checkpoints skipped as corrupt (folder, reason)."""
+
+    folder: Path
+    state: dict[str, Any]
+    skipped: list[tuple[Path, str]]
+
+
+def find_resumable(path: Path) -> Resumable:
+    """The checkpoint to resume from: ``path`` itself if it is a checkpoint, else the newest *intact* one in it.
+
+    Corrupt newer checkpoints are skipped (reported in ``skipped``, never deleted). A corrupt checkpoint named
+    explicitly, or a run folder without any intact checkpoint, raises :class:`CorruptCheckpointError`.
+    """
+    path = Path(path)
+    if (path / "state.json").exists():  # an explicit checkpoint: use it or say why not
+        try:
+            return Resumable(path, read_checkpoint(path), [])
+        except CorruptCheckpointError as err:
+            others = [p.name for p in list_checkpoints(path.parent) if p != path]
+            hint = (f"; resume from the run folder {str(path.parent)!r} to use the newest intact checkpoint "
+                    f"(others there: {', '.join(others)})" if others else "")
+            raise CorruptCheckpointError(f"{err}{hint}") from None
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint found in {str(path)!r} (expected ckpt-<step> folders)")
+    skipped: list[tuple[Path, str]] = []
+    for folder in reversed(found):
+        try:
+            return Resumable(folder, read_checkpoint(folder), skipped)
+        except CorruptCheckpointError as err:
+            skipped.append((folder, str(err)))
+    raise CorruptCheckpointError(f"no intact checkpoint in {str(path)!r}: " + "; ".join(r for _, r in skipped)
+                                 + ". Start a new run without --resume (or into another output folder)")
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a (corrupt) checkpoint to ``<name>.corrupt[-k]`` so a new one can take its name; nothing is deleted."""
+    folder = Path(folder)
+    k, target = 1, folder.with_name(folder.name + ".corrupt")
+    while target.exists():
+        k += 1
+        target = folder.with_name(f"{folder.name}.corrupt-{k}")
+    folder.rename(target)
+    return target
+
+
+#: temporary folders of lorakit's atomic writes (io._atomic_folder) for checkpoints and the final adapter
+_STALE = re.compile(r"\.(ckpt-\d+|adapter)\.(tmp|old)-[A-Za-z0-9_]+")
+
+
+def remove_stale_temporaries(output_dir: Path) -> list[Path]:
+    """Remove the temporary folders a killed run left in its output folder (only lorakit's own names)."""
+    removed = []
+    for p in Path(output_dir).iterdir() if Path(output_dir).is_dir() else []:
+        if p.is_dir() and not p.is_symlink() and _STALE.fullmatch(p.name):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -109,6 +211,9 @@ def latest_checkpoint(path: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def prune_checkpoints(output_dir: Path, keep_last: int) -> None:
-    for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+def prune_checkpoints(output_dir: Path, keep_last: int, spare: Sequence[str] = ()) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints; those named in ``spare`` (corrupt ones skipped by a
+    resume) are neither counted nor deleted."""
+    ours = [p for p in list_checkpoints(output_dir) if p.name not in set(spare)]
+    for old in ours[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

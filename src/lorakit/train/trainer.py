@@ -21,7 +21,9 @@ import resource
 import signal
 import statistics
 import sys
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -54,7 +56,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0  # 0: only at the end
     log_every: int = 10
-    save_every: int = 0  # 0: only at the end (and on Ctrl-C)
+    save_every: int = 0  # 0: only at the end (and on Ctrl-C, SIGTERM or an exception)
     keep_last: int = 2
     output_dir: str | None = None
     resume: str | None = None  # a checkpoint folder or a run folder (its newest checkpoint)
@@ -156,12 +158,43 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+class NonFiniteLossError(ValueError):
+    """Training met a NaN/inf loss or gradient norm and stopped before the optimiser step that would have used it."""
+
+
 class Trainer:
     """Train the trainable parameters of ``model`` (adapters, modules_to_save) on ``train_data``.
 
     ``train_data``/``eval_data`` are sequences of examples; ``collate_fn`` turns a list of examples into a batch
     (default: stack tensors by key). ``loss_fn(model, batch)`` defaults to transformers' ``model(**batch).loss``.
     ``task`` picks the eval metric: "classification" (accuracy), "lm" (perplexity) or "none".
+
+    What a run promises (with ``output_dir`` set):
+
+    - **Ctrl-C and SIGTERM** (schedulers; torchrun on the surviving ranks) finish the current step, write
+      ``ckpt-<step>``, return with ``result.interrupted`` and print how to resume. A second signal stops at once.
+      Handlers are installed in the main thread only and the previous ones are restored when ``train`` returns.
+    - **An exception** (out of memory, a failing ``loss_fn``, ...) writes a checkpoint of the last *completed*
+      step, then re-raises. It does so only when that state is provably intact: the exception came before
+      ``optimizer.step()`` of the next step began (forward, loss, backward, clipping: parameters, optimiser,
+      scheduler and hook state are untouched, the checkpoint records the RNG as snapshotted at the step boundary,
+      and no buffer of a trained module, e.g. a BatchNorm in ``modules_to_save``, changed: the tensors' version
+      counters say so), or after a step completed (logging, evaluation, which never moves the training RNG,
+      saving). An exception
+      inside the update (``optimizer.step()``, ``scheduler.step()``, the methods' ``after_step`` hooks, ``finish``)
+      may leave parameters half-updated: then no checkpoint is written and the newest one stays the newest. Under
+      torch.distributed only rank 0 writes it, without collectives (the other ranks may be stuck or gone), so a
+      sharded (FSDP) model writes none: gathering its shards needs every rank.
+    - **NaN policy**: the first non-finite loss or gradient norm raises :class:`NonFiniteLossError` (a
+      ValueError, so ``lorakit train`` prints one line and exits non-zero) naming the step and the fixes. No
+      optimiser step is taken with it and no final adapter is written; the last completed step is checkpointed
+      as for any exception.
+    - **Resume** (``config.resume``) uses the newest intact checkpoint: corrupt newer ones are skipped with a
+      warning naming them (and never deleted: when their step is written again they are renamed
+      ``ckpt-<step>.corrupt``). Log rows after the resumed step are dropped from ``log.jsonl``/``log.csv`` (each file
+      rewritten atomically), so the logs equal those of an uninterrupted run. A checkpoint written with another
+      optimiser or LoRA+ ratio is refused before anything changes.
+    - Training with merged adapters is refused up front (call :func:`lorakit.unmerge` first).
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, train_data: Sequence[Any],
@@ -182,6 +215,8 @@ class Trainer:
         self.device = _model_device(model)
         self.result = TrainResult(output_dir=config.output_dir)
         self._stop_requested = False
+        self._stop_signal = "Ctrl-C"
+        self._bad_checkpoints: set[str] = set()  # corrupt checkpoints skipped on resume (renamed if re-written)
         self._length_cache: list[int] | None = None
         self._log_files: dict[str, Any] = {}
 
@@ -247,13 +282,15 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         cfg, info = self.config, self.info
-        torch.manual_seed(cfg.seed)
         user_model = self.model
+        _refuse_merged(user_model)  # before anything changes
+        found = self._find_checkpoint() if cfg.resume else None  # reads and checks only: the model is untouched
+        torch.manual_seed(cfg.seed)
         if cfg.gradient_checkpointing and hasattr(user_model, "gradient_checkpointing_enable"):
             user_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         user_model.train()
         hooks = _training_hooks(user_model)
-        state = self._restore_adapters(user_model) if cfg.resume else None  # before sharding: plain tensors
+        state = self._restore_adapters(user_model, found) if found is not None else None  # before sharding
         model = dist_utils.wrap(user_model, cfg.distributed, info)
         optimizer = self._make_optimizer(user_model)  # after wrapping: FSDP2 replaces parameters by DTensors
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -263,16 +300,25 @@ class Trainer:
         out = Path(cfg.output_dir) if cfg.output_dir else None
         if out is not None and info.is_main:
             out.mkdir(parents=True, exist_ok=True)
+            if cfg.resume:
+                ckpt.remove_stale_temporaries(out)  # a killed run's half-written checkpoint
+                _trim_logs(out, start)  # rows of steps after the checkpoint would be logged twice
             (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         batches = self._batch_indices(start)
         bar = self._progress(start)
-        previous_handler = self._install_sigint()
+        previous_handlers = self._install_stop_handlers()
+        watched = _watched_buffers(user_model)
         step = start
+        # phase: where an exception can come from. "step" (before the update) and "boundary"/"final" (after a
+        # completed step) leave the state of the last completed step intact; "update"/"finish" do not.
+        phase = "boundary"
+        boundary_rng, boundary_buffers = ckpt.rng_state(), [b._version for b in watched]
         try:
             while step < cfg.steps:
                 if dist_utils.any_rank(self._stop_requested, info):  # every rank stops at the same step
                     self._interrupt(step, user_model, optimizer, scheduler, hooks)
                     break
+                phase = "step"
                 t0 = time.perf_counter()
                 loss_sum, tokens = 0.0, 0
                 for _ in range(cfg.grad_accum):
@@ -284,15 +330,18 @@ class Trainer:
                         total = (loss + reg) if reg is not None else loss
                     (total / cfg.grad_accum).backward()
                     loss_sum += loss.detach().float().item() / cfg.grad_accum
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_([p for p in user_model.parameters() if p.requires_grad],
-                                                   cfg.max_grad_norm)
+                grad_norm = _grad_norm([p for p in user_model.parameters() if p.requires_grad], cfg.max_grad_norm)
+                if dist_utils.any_rank(not (math.isfinite(loss_sum) and math.isfinite(grad_norm)), info):
+                    raise NonFiniteLossError(self._non_finite_message(step + 1, loss_sum, grad_norm))
+                phase = "update"
                 optimizer.step()
                 scheduler.step()
                 if hooks is not None:
                     hooks.after_step()  # gradients are still there (AdaLoRA reads them)
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                phase = "boundary"
+                boundary_rng, boundary_buffers = ckpt.rng_state(), [b._version for b in watched]
                 loss_value = dist_utils.all_reduce_mean(loss_sum, info)
                 elapsed = time.perf_counter() - t0
                 self.result.losses.append(loss_value)
@@ -310,12 +359,21 @@ class Trainer:
                     self._save(step, user_model, optimizer, scheduler, hooks)
             else:
                 if hooks is not None:
+                    phase = "finish"
                     hooks.finish()
+                phase = "final"
+                boundary_rng = ckpt.rng_state()
                 self._evaluate(model, step)
                 if out is not None:
                     self._save(step, user_model, optimizer, scheduler, hooks, final=True)
+        except Exception as err:
+            if out is not None:
+                buffers_changed = [b._version for b in watched] != boundary_buffers
+                self._checkpoint_on_error(err, phase, step, start, buffers_changed, boundary_rng, user_model,
+                                          optimizer, scheduler, hooks)
+            raise
         finally:
-            signal.signal(signal.SIGINT, previous_handler) if previous_handler is not None else None
+            self._restore_handlers(previous_handlers)
             if bar is not None:
                 bar.close()
             for fh in self._log_files.values():
@@ -323,6 +381,44 @@ class Trainer:
             self._log_files.clear()
         self.result.peak_memory_bytes = peak_memory_bytes(self.device)
         return self.result
+
+    def _non_finite_message(self, step: int, loss: float, grad_norm: float) -> str:
+        cfg = self.config
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        return (f"step {step}: the {what} is not finite (loss {loss}, gradient norm {grad_norm}); training stopped "
+                f"before the optimizer step, so no update used it and no adapter was written from it. Fixes: lower "
+                f"train.lr (now {cfg.lr}); keep train.max_grad_norm set (now {cfg.max_grad_norm}); with bf16/fp16 "
+                f"overflow try train.bf16=false or a float32 base model; check this step's data")
+
+    def _checkpoint_on_error(self, err: BaseException, phase: str, step: int, start: int, buffers_changed: bool,
+                             rng: dict[str, Any], model: nn.Module, optimizer, scheduler, hooks) -> None:
+        """After an exception: checkpoint the last completed step if that state is provably intact (see class doc)."""
+        if not self.info.is_main:
+            return
+        out = Path(self.config.output_dir)
+        newest = ckpt.list_checkpoints(out)
+        keep = (f"the newest checkpoint is {newest[-1]}" if newest else "there is no checkpoint")
+        what = f"training failed at step {step + 1 if phase in ('step', 'update') else step} ({type(err).__name__})"
+        if phase in ("update", "finish"):
+            why = "inside the optimizer update; the parameters may be half-updated"
+        elif phase == "step" and buffers_changed:
+            why = "after a trained module's buffers (e.g. BatchNorm statistics) changed in this step"
+        elif self.info.enabled and dist_utils.is_sharded(model):
+            why = "under FSDP (gathering the shards needs every rank)"
+        elif step == start or (out / f"ckpt-{step}").is_dir() and f"ckpt-{step}" not in self._bad_checkpoints:
+            print(f"{what}; {keep}", file=sys.stderr)  # nothing newer to save
+            return
+        else:
+            try:
+                folder = self._save(step, model, optimizer, scheduler, hooks, rng=rng, collective=False)
+            except Exception as save_err:  # never hide the original error
+                print(f"{what}; writing a checkpoint of step {step} failed too ({type(save_err).__name__}: "
+                      f"{save_err}); {keep}", file=sys.stderr)
+                return
+            print(f"{what}; saved checkpoint {folder} (the state after step {step}, the last completed one). "
+                  f"Resume with the same command plus --resume {self.config.output_dir}", file=sys.stderr)
+            return
+        print(f"{what} {why}, so no checkpoint was written; {keep}", file=sys.stderr)
 
     # -- evaluation --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -360,7 +456,12 @@ class Trainer:
         return metrics
 
     def _evaluate(self, model: nn.Module, step: int) -> None:
-        metrics = self.evaluate(model)
+        # evaluation never moves the training RNG, so a checkpoint's RNG is the same whether or not eval ran since
+        rng = ckpt.rng_state()
+        try:
+            metrics = self.evaluate(model)
+        finally:
+            ckpt.set_rng_state(rng)
         if metrics:
             metrics = {"step": step, **metrics}
             self.result.evals.append(metrics)
@@ -412,7 +513,10 @@ class Trainer:
         return tqdm(total=self.config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
-    def _save(self, step: int, model: nn.Module, optimizer, scheduler, hooks, final: bool = False) -> Path | None:
+    def _save(self, step: int, model: nn.Module, optimizer, scheduler, hooks, final: bool = False,
+              rng: dict[str, Any] | None = None, collective: bool = True) -> Path | None:
+        """Write ``ckpt-<step>`` (and ``adapter/`` if ``final``). ``collective=False``: rank 0 alone, no gathers or
+        barriers (after an exception; the model must not be sharded). ``rng``: the RNG state to record."""
         from ..io import save as save_adapters
         from ..model import _registry
 
@@ -422,35 +526,64 @@ class Trainer:
         out = Path(self.config.output_dir)
         folder = out / f"ckpt-{step}"
         # Under FSDP every rank takes part in gathering the shards (same order everywhere); only rank 0 writes.
-        sharded = dist_utils.is_sharded(model)
+        sharded = collective and dist_utils.is_sharded(model)
+        if not collective and not self.info.is_main:
+            return None
         optimizer_state = optimizer.state_dict()
         if sharded:
             optimizer_state = dist_utils.gather_full(optimizer_state)
         if self.info.is_main:
             parts = {
                 "trainer": {"step": step, "losses": self.result.losses, "evals": self.result.evals,
-                            "config": dataclasses.asdict(self.config)},
+                            "config": dataclasses.asdict(self.config),
+                            "optimizer": _optimizer_key(self.config.optimizer),
+                            "loraplus_ratio": self.config.loraplus_ratio},
                 "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
-                "rng": ckpt.rng_state(),
+                "rng": rng if rng is not None else ckpt.rng_state(),
                 "hooks": hooks.state_dict() if hooks is not None and hasattr(hooks, "state_dict") else {},
             }
+            if folder.name in self._bad_checkpoints and folder.is_dir():  # keep the corrupt one, under a new name
+                moved = ckpt.set_aside(folder)
+                self._bad_checkpoints.discard(folder.name)
+                print(f"moved the corrupt checkpoint {folder} to {moved} to write a new one", file=sys.stderr)
             ckpt.write_checkpoint(folder, parts, lambda p: save(model, p))
-            ckpt.prune_checkpoints(out, self.config.keep_last)
+            ckpt.prune_checkpoints(out, self.config.keep_last, spare=sorted(self._bad_checkpoints))
         elif sharded:
             save(model, folder / "adapter", write_files=False)
         if final:
             save(model, out / "adapter", write_files=self.info.is_main)
-        dist_utils.barrier(self.info)
+        if collective:
+            dist_utils.barrier(self.info)
         return folder
 
-    def _restore_adapters(self, model: nn.Module) -> tuple[Path, dict[str, Any]]:
+    def _find_checkpoint(self) -> ckpt.Resumable:
+        """The checkpoint to resume from (newest intact one), checked against this run's optimiser settings."""
+        found = ckpt.find_resumable(Path(self.config.resume))
+        for bad, reason in found.skipped:
+            self._bad_checkpoints.add(bad.name)
+            if self.info.is_main:
+                warnings.warn(f"{reason}; skipping it (left in place) and resuming from {found.folder}",
+                              UserWarning, stacklevel=3)
+        trainer = found.state["trainer"]
+        saved_cfg = trainer.get("config") or {}
+        had = _optimizer_key(trainer.get("optimizer", saved_cfg.get("optimizer", "adamw")))
+        want = _optimizer_key(self.config.optimizer)
+        if had != want:
+            raise ValueError(f"checkpoint {found.folder} was written with optimizer {had}, this run uses {want}; "
+                             f"resume with the same --set train.optimizer={had} (or start a new run without "
+                             f"--resume)")
+        had_ratio = trainer.get("loraplus_ratio", saved_cfg.get("loraplus_ratio"))
+        if float(had_ratio or 1.0) != float(self.config.loraplus_ratio or 1.0):
+            raise ValueError(f"checkpoint {found.folder} was written with loraplus_ratio={had_ratio}, this run uses "
+                             f"{self.config.loraplus_ratio}; resume with the same --set train.loraplus_ratio="
+                             f"{had_ratio} (or start a new run without --resume)")
+        return found
+
+    def _restore_adapters(self, model: nn.Module, found: ckpt.Resumable) -> tuple[Path, dict[str, Any]]:
         from ..io import restore
 
-        folder = ckpt.latest_checkpoint(Path(self.config.resume))
-        if folder is None:
-            raise FileNotFoundError(f"no checkpoint found in {self.config.resume!r} (expected ckpt-<step> folders)")
-        state = ckpt.read_checkpoint(folder)
+        folder, state = found.folder, found.state
         if (folder / "adapter" / TRAINABLE_FILE).exists():
             from safetensors.torch import load_file
 
@@ -477,27 +610,42 @@ class Trainer:
         self.result.evals = list(trainer["evals"])
         return int(trainer["step"])
 
-    # -- Ctrl-C: finish the current step, checkpoint, say how to resume -------------------------------------------
-    def _install_sigint(self):
+    # -- Ctrl-C / SIGTERM: finish the current step, checkpoint, say how to resume ----------------------------------
+    def _install_stop_handlers(self) -> dict[int, Any]:
+        """Handle SIGINT and SIGTERM during training (main thread only); returns the previous handlers."""
         def handler(signum, frame):
-            if self._stop_requested:  # second Ctrl-C: stop now
-                raise KeyboardInterrupt
+            if self._stop_requested:  # a second signal: stop now
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                raise SystemExit(128 + signum)
             self._stop_requested = True
-            print("\nCtrl-C: finishing this step and saving a checkpoint (press again to abort now)",
-                  file=sys.stderr)
+            self._stop_signal = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            print(f"\n{self._stop_signal}: finishing this step and saving a checkpoint (send it again to stop "
+                  "at once)", file=sys.stderr)
 
-        try:
-            return signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not in the main thread
-            return None
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except (ValueError, OSError):  # e.g. an embedded interpreter that owns its signals
+                pass
+        return previous
+
+    @staticmethod
+    def _restore_handlers(previous: dict[int, Any]) -> None:
+        for sig, old in previous.items():
+            if old is not None:  # None: installed outside Python, cannot be re-installed from here
+                signal.signal(sig, old)
 
     def _interrupt(self, step: int, model, optimizer, scheduler, hooks) -> None:
         self.result.interrupted = True
         if self.config.output_dir:
             folder = self._save(step, model, optimizer, scheduler, hooks)
             if self.info.is_main:
-                print(f"saved checkpoint {folder} at step {step}. Resume with the same command plus "
-                      f"--resume {self.config.output_dir}", file=sys.stderr)
+                print(f"{self._stop_signal}: saved checkpoint {folder} at step {step}. Resume with the same command "
+                      f"plus --resume {self.config.output_dir}", file=sys.stderr)
 
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -514,6 +662,85 @@ def _save_trainable(model: nn.Module, path: Path, write_files: bool = True) -> P
     if write_files:
         _atomic_folder(Path(path), lambda folder: save_file(tensors, str(folder / TRAINABLE_FILE)))
     return Path(path)
+
+
+def _optimizer_key(name: Any) -> str:
+    """The canonical optimiser name (aliases such as ``adamw_8bit`` resolved), as recorded in checkpoints."""
+    from ..optim import _ALIASES
+
+    key = str(name).lower().replace("-", "_")
+    return _ALIASES.get(key, key)
+
+
+def _refuse_merged(model: nn.Module) -> None:
+    """Training through merged adapters would update factors whose delta is already inside the base weights."""
+    from ..model import _registry, adapted_layers
+
+    if _registry(model) is None:
+        return
+    merged = sorted({n for _, layer in adapted_layers(model) for n in layer.merged})
+    if merged:
+        names = ", ".join(repr(n) for n in merged)
+        raise ValueError(f"adapter {names} is merged into the base weights; call lorakit.unmerge(model) before "
+                         "training")
+
+
+def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """The total gradient norm (clipping to ``max_norm`` if set); NaN/inf if any gradient is not finite."""
+    if max_norm:
+        total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return 0.0
+        total = torch.nn.utils.get_total_norm(grads)
+    if hasattr(total, "full_tensor"):  # FSDP2: a DTensor
+        total = total.full_tensor()
+    return float(total)
+
+
+def _watched_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Buffers of modules that own a trainable parameter (saved with them, e.g. a trained head's BatchNorm)."""
+    return [b for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
+            for b in m.buffers(recurse=False)]
+
+
+def _trim_logs(out: Path, step: int) -> None:
+    """Drop log rows of steps after ``step`` (and a half-written last line), rewriting each file atomically."""
+    from ..io import atomic_write_text
+
+    jsonl, csv_path = out / "log.jsonl", out / "log.csv"
+    if jsonl.exists():
+        text = jsonl.read_text()
+        lines = text.split("\n")[:-1]  # the part after the last newline is empty or half-written
+        kept = [line for line in lines if _row_step(line) <= step]
+        if len(kept) != len(lines) or text.split("\n")[-1]:
+            atomic_write_text(jsonl, "".join(line + "\n" for line in kept))
+    if csv_path.exists():
+        text = csv_path.read_text()
+        lines = text.split("\n")[:-1]
+        if lines:
+            header = next(csv.reader([lines[0]]))
+            col = header.index("step") if "step" in header else None
+            kept = lines[:1] + [line for line in lines[1:] if col is None or _csv_step(line, col) <= step]
+            if len(kept) != len(lines) or text.split("\n")[-1]:
+                atomic_write_text(csv_path, "".join(line + "\n" for line in kept))
+
+
+def _row_step(line: str) -> float:
+    """The step of a JSONL log row; rows that are not ours (no integer step) are kept (step -inf)."""
+    try:
+        value = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return -math.inf
+    return value if isinstance(value, int) else -math.inf
+
+
+def _csv_step(line: str, col: int) -> float:
+    try:
+        return int(next(csv.reader([line]))[col])
+    except (ValueError, IndexError, StopIteration):
+        return -math.inf
 
 
 def _example_length(example: Any) -> int:
