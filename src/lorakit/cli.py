@@ -276,7 +276,7 @@ def _message(exc: BaseException) -> tuple[int, str]:
         SafetensorError = ()  # noqa: N806
     torch = sys.modules.get("torch")  # only if loaded: an out-of-memory error means torch ran
     if isinstance(exc, SafetensorError):
-        return 2, (f"error: a safetensors file in {where} cannot be read ({text}); it is truncated or corrupt: "
+        return 2, (f"error: a safetensors file in {where} is corrupt or incomplete and cannot be read ({text}); "
                    f"write it again or restore it from a copy")
     if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
         return 2, (f"error: out of memory ({text}); lower train.batch_size or max_length, or set "

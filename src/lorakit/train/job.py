@@ -418,8 +418,8 @@ def describe_adapter(adapter: str | os.PathLike) -> str:
     try:
         meta, tensors = read_folder(folder)
     except _safetensors_error() as exc:  # io reports its own reads with the path; this is the safety net
-        raise AdapterLoadError(f"{folder / WEIGHTS_FILE}: cannot be read ({exc}); the file is truncated or "
-                               f"corrupt: save the adapter again") from None
+        raise AdapterLoadError(f"{folder / WEIGHTS_FILE}: the file is corrupt or incomplete and cannot be read as "
+                               f"safetensors ({exc}); save the adapter again or restore the file from a copy") from None
     lines = [f"lorakit adapter folder {folder}"]
     for name, entry in meta["adapters"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("config", entry), dict):
@@ -467,8 +467,8 @@ def _count_safetensors(path: Path) -> int:
         with safe_open(str(path), "pt") as f:
             return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
     except _safetensors_error() as exc:
-        raise AdapterLoadError(f"{path}: cannot be read ({exc}); the file is truncated or corrupt: save the "
-                               f"adapter again") from None
+        raise AdapterLoadError(f"{path}: the file is corrupt or incomplete and cannot be read as safetensors "
+                               f"({exc}); save the adapter again or restore the file from a copy") from None
 
 
 def _read_json_object(path: Path, what: str) -> dict[str, Any]:
