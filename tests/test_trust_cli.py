@@ -381,3 +381,16 @@ def test_resume_reuses_the_recorded_seed(trained, capsys):
     assert yaml.safe_load((out_dir / "job.yaml").read_text())["adapter"]["seed"] == seed
     assert lorakit.AdapterConfig.from_json(json.dumps(next(iter(json.loads(
         (out_dir / "adapter" / "lorakit_config.json").read_text())["adapters"].values()))["config"])).seed == seed
+
+
+@pytest.mark.parametrize("text", ["[1]", "{broken"])
+def test_broken_model_config_names_it(tmp_path, capsys, text):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(text)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    code, _, err = run(["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(tmp_path / "r")],
+                       capsys)
+    one_line_error(code, err)
+    assert str(model_dir / "config.json") in err and not (tmp_path / "r").exists()

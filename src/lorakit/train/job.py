@@ -162,7 +162,7 @@ def resolve_model_path(model: str) -> str:
 
 def detect_task(path: str) -> str:
     """'lm' for causal-LM architectures, else 'classification'."""
-    cfg = _read_json_object(Path(path, "config.json"), "a transformers model config")
+    cfg = _read_json_object(Path(path, "config.json"), "a transformers model config", ValueError)
     archs = cfg.get("architectures") or []
     archs = " ".join(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else ""
     return "lm" if "CausalLM" in archs or "LMHead" in archs else "classification"
@@ -471,16 +471,17 @@ def _count_safetensors(path: Path) -> int:
                                f"({exc}); save the adapter again or restore the file from a copy") from None
 
 
-def _read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """A JSON file that must hold an object; errors name the file."""
+def _read_json_object(path: Path, what: str, error: type[ValueError] | None = None) -> dict[str, Any]:
+    """A JSON file that must hold an object; errors (AdapterLoadError unless ``error`` is given) name the file."""
     from ..io import AdapterLoadError
 
+    error = error or AdapterLoadError
     try:
         data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterLoadError(f"{path}: not valid JSON ({err}); it should hold {what}") from None
+        raise error(f"{path}: not valid JSON ({err}); it should hold {what}") from None
     if not isinstance(data, dict):
-        raise AdapterLoadError(f"{path}: expected a JSON object ({what}), got a {type(data).__name__}")
+        raise error(f"{path}: expected a JSON object ({what}), got a {type(data).__name__}")
     return data
 
 
