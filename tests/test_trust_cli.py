@@ -394,3 +394,31 @@ def test_broken_model_config_names_it(tmp_path, capsys, text):
                        capsys)
     one_line_error(code, err)
     assert str(model_dir / "config.json") in err and not (tmp_path / "r").exists()
+
+
+def test_resume_from_a_missing_folder_fails_before_loading(trained, tmp_path, capsys):
+    model_dir, data, _ = trained
+    out_dir = tmp_path / "new-run"
+    code, _, err = run(train_argv(model_dir, data, out_dir, "--steps", "2", "--resume", str(tmp_path / "nope")),
+                       capsys)
+    one_line_error(code, err)
+    assert str(tmp_path / "nope") in err and not out_dir.exists()
+
+
+def test_chat_with_a_classifier(trained, capsys):
+    model_dir, _, out_dir = trained
+    for argv in (["chat", str(out_dir / "adapter"), "--prompt", "hi"], ["chat", "--model", str(model_dir),
+                                                                        "--prompt", "hi"]):
+        code, _, err = run(argv, capsys)
+        one_line_error(code, err)
+        assert "causal" in err
+
+
+def test_compare_on_rows_without_labels(trained, tmp_path, capsys):
+    model_dir, _, _ = trained
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(20)))
+    code, _, err = run(["compare", "--model", str(model_dir), "--data", str(data), "--methods", "lora", "--steps",
+                        "1", "--eval-size", "4", "--out", str(tmp_path / "report")], capsys)
+    one_line_error(code, err)
+    assert f"{data}, line 1" in err and "label" in err

@@ -213,6 +213,9 @@ def run_job(job: JobConfig) -> dict[str, Any]:
 
     # everything that can be checked without the model is checked first: nothing is loaded or written on error
     train_cfg = TrainConfig(**{"output_dir": job.output_dir, **job.train})
+    if train_cfg.resume and not Path(train_cfg.resume).is_dir():
+        raise FileNotFoundError(f"train.resume={train_cfg.resume!r} is not a folder; pass the run folder (or one of "
+                                f"its ckpt-<step> folders) of the run to continue")
     path = resolve_model_path(job.model)
     task = detect_task(path) if job.task == "auto" else job.task
     records = data_mod.load_source(job.data)
@@ -379,9 +382,16 @@ class ChatSession:
 
     def __init__(self, adapter: str | os.PathLike | None, model: str | None = None, max_new_tokens: int = 96):
         if adapter is not None:
+            info = _run_info(adapter, model)
+            if info["task"] != "lm":
+                raise ValueError(f"{adapter} is a {info['task']} adapter; chat needs a causal-LM adapter (use "
+                                 f"lorakit predict for classifiers)")
             self.model, self.tokenizer, _ = load_adapted(adapter, model)
         else:
             path = resolve_model_path(model or "smollm2")
+            if detect_task(path) != "lm":
+                raise ValueError(f"model {model!r} is not a causal LM (its config.json names no *ForCausalLM "
+                                 f"architecture); chat needs one, e.g. --model smollm2")
             self.model, self.tokenizer = load_base(path, "lm")
             self.model.eval()
         self.max_new_tokens = max_new_tokens
