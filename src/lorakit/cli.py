@@ -1,7 +1,15 @@
 """The ``lorakit`` command: train, compare, export/merge, predict, chat, inspect.
 
-Every command has ``--help`` with examples. Errors in configs, files, methods and data are one clear line plus the
-fix (exit code 2), never a traceback; pass ``--debug`` before the command to see tracebacks.
+Every command has ``--help`` with examples. Errors never show a traceback unless ``--debug`` comes before the
+command (``lorakit --debug train ...``); instead stderr gets one line:
+
+- ``error: <what is wrong, naming the file/key/value, and the fix>``, exit code 2, for bad input: lorakit's own
+  errors (``ValueError`` and its subclasses ``AdapterLoadError`` and ``DataError``, ``UnsupportedLayer``,
+  ``AssetUnavailable``), files the system refuses (``OSError``: missing, permission denied, a folder where a file
+  was expected, disk full, each with its path), unreadable safetensors files (with the folder they are in) and
+  running out of memory;
+- ``internal error: <type>: <message> (run with --debug for the traceback; please report it)``, exit code 1, for
+  anything else, which is a bug in lorakit (or a library under it) rather than in the input.
 """
 from __future__ import annotations
 
@@ -26,6 +34,12 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 _DEBUG = {"on": False}
+# the files and folders the running command reads, named by errors that do not carry a path (safetensors')
+_INPUTS: list[str] = []
+
+
+def _reading(*paths: object) -> None:
+    _INPUTS[:] = [str(p) for p in paths if p is not None]
 
 
 @app.callback()
@@ -112,8 +126,11 @@ def train(
                        ("train.steps", steps), ("train.lr", lr), ("train.batch_size", batch_size),
                        ("output_dir", output_dir), ("train.resume", resume)):
         if value is not None:
-            overrides.append(f"{key}={value}")
+            # typed flags are already values: strings go in as JSON strings so "123" or "true" stay strings
+            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    _reading(config)
     job = JobConfig.from_sources(config, overrides)
+    _reading(job.train.get("resume"), job.model)  # the files a safetensors error can come from
     if dry_run:
         typer.echo(job.to_yaml())
         return
@@ -139,6 +156,7 @@ def export(
     """
     from .train.job import export_merged
 
+    _reading(adapter, model)
     folder = export_merged(adapter, out, model=model, dtype=dtype)
     typer.echo(f"merged model written to {folder}")
 
@@ -177,6 +195,7 @@ def predict(
     """
     from .train.job import predict_texts
 
+    _reading(adapter, model)
     for line in predict_texts(adapter, list(text), model=model, max_new_tokens=max_new_tokens):
         typer.echo(line)
 
@@ -198,6 +217,7 @@ def chat(
     """
     from .train.job import ChatSession
 
+    _reading(adapter, model)
     session = ChatSession(adapter, model=model, max_new_tokens=max_new_tokens)
     if prompt is not None:
         typer.echo(session.reply(prompt))
@@ -223,14 +243,17 @@ def inspect(adapter: Path = typer.Argument(..., help="adapter folder (lorakit or
     """
     from .train.job import describe_adapter
 
+    _reading(adapter)
     typer.echo(describe_adapter(adapter))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 def _known_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input (exit code 2), as opposed to a bug (exit code 1)."""
     from .io import AdapterLoadError
+    from .layers import UnsupportedLayer
 
-    errors: list[type[BaseException]] = [ValueError, FileNotFoundError, AdapterLoadError, KeyError]
+    errors: list[type[BaseException]] = [ValueError, OSError, AdapterLoadError, UnsupportedLayer]
     for module, name in (("lorakit.assets", "AssetUnavailable"), ("lorakit.train.data", "DataError")):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
@@ -239,18 +262,51 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _message(exc: BaseException) -> tuple[int, str]:
+    """(exit code, the one line printed for ``exc``)."""
+    where = " or ".join(_INPUTS) or "the input"
+    text = _one_line(str(exc))
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        SafetensorError = ()  # noqa: N806
+    torch = sys.modules.get("torch")  # only if loaded: an out-of-memory error means torch ran
+    if isinstance(exc, SafetensorError):
+        return 2, (f"error: a safetensors file in {where} is corrupt or incomplete and cannot be read ({text}); "
+                   f"write it again or restore it from a copy")
+    if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return 2, (f"error: out of memory ({text}); lower train.batch_size or max_length, or set "
+                   f"train.gradient_checkpointing=true")
+    if isinstance(exc, UnicodeDecodeError):  # a ValueError without a path
+        return 2, f"error: {where} is not UTF-8 text ({text}); save it as UTF-8"
+    if isinstance(exc, _known_errors()):
+        return 2, f"error: {text or type(exc).__name__}"
+    return 1, (f"internal error: {type(exc).__name__}: {text} (run with --debug for the traceback; please "
+               f"report it)")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``lorakit`` command."""
+    """Entry point of the ``lorakit`` command.
+
+    Any exception becomes one line on stderr: ``error: ...`` (exit code 2) for bad input, ``internal error: ...``
+    (exit code 1) for anything unexpected; ``--debug`` before the command re-raises it with its traceback.
+    """
+    _DEBUG["on"] = False
+    _reading()
     try:
         app(args=argv, standalone_mode=True)
     except SystemExit:
         raise
-    except _known_errors() as exc:
+    except Exception as exc:  # KeyboardInterrupt is click's (it prints "Aborted!")
         if _DEBUG["on"]:
             raise
-        msg = str(exc).strip("'\"") if isinstance(exc, KeyError) else str(exc)
-        typer.echo(f"error: {msg}", err=True)
-        sys.exit(2)
+        code, line = _message(exc)
+        typer.echo(line, err=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

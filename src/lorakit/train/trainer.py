@@ -66,28 +66,49 @@ class TrainConfig:
     group_by_length: bool = False  # batches of similar lengths (less padding); still seeded and resumable
 
     def __post_init__(self) -> None:
-        # values from YAML/flags may arrive as strings ("2e-4" is a string in YAML 1.1): coerce by declared type
+        # Every field is checked against its declared type (fields added later are covered too), then its range;
+        # numbers written as strings (YAML 1.1 reads 2e-4 as a string) become numbers, nothing else is guessed.
+        from ..config import coerce_field
+        from ..optim import _ALIASES, OPTIMIZERS
+
+        def optimizer_known(name: str) -> bool:
+            key = name.lower().replace("-", "_")
+            return _ALIASES.get(key, key) in OPTIMIZERS
+
+        checks: dict[str, tuple[Callable[[Any], bool], str]] = {
+            "steps": (lambda v: v >= 1, "an integer >= 1"),
+            "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+            "grad_accum": (lambda v: v >= 1, "an integer >= 1"),
+            "lr": (lambda v: v > 0, "a positive number"),
+            "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+            "optimizer": (optimizer_known, ", ".join(OPTIMIZERS)),
+            "loraplus_ratio": (lambda v: v is None or v > 0, "None (plain learning rates) or a positive number"),
+            "schedule": (lambda v: v in SCHEDULES, ", ".join(SCHEDULES)),
+            "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+            # a negative norm makes clip_grad_norm_ flip the gradients (gradient ascent); 0 would silently not clip
+            "max_grad_norm": (lambda v: v is None or v > 0, "None (no clipping) or a positive number"),
+            "seed": (lambda v: abs(v) < 2**53, "an integer with |seed| < 2**53"),
+            "eval_every": (lambda v: v >= 0, "an integer >= 0 (0: only at the end)"),
+            "log_every": (lambda v: v >= 0, "an integer >= 0"),
+            "save_every": (lambda v: v >= 0, "an integer >= 0 (0: only at the end)"),
+            "keep_last": (lambda v: v >= 1, "an integer >= 1"),
+            "output_dir": (lambda v: v is None or v.strip() != "", "None or a folder path"),
+            "resume": (lambda v: v is None or v.strip() != "", "None or a run or checkpoint folder"),
+            "distributed": (lambda v: v in ("ddp", "fsdp", "none"), "ddp, fsdp, none"),
+        }
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            kind = str(f.type)
-            if isinstance(value, str) and kind.startswith(("float", "int")):
-                try:
-                    setattr(self, f.name, (float if kind.startswith("float") else int)(value))
-                except ValueError:
-                    raise ValueError(f"TrainConfig.{f.name}={value!r} is invalid; allowed: a number") from None
-        checks = [
-            ("steps", self.steps >= 1, "an integer >= 1"),
-            ("batch_size", self.batch_size >= 1, "an integer >= 1"),
-            ("grad_accum", self.grad_accum >= 1, "an integer >= 1"),
-            ("lr", self.lr > 0, "a positive number"),
-            ("schedule", self.schedule in SCHEDULES, ", ".join(SCHEDULES)),
-            ("warmup_steps", self.warmup_steps >= 0, "an integer >= 0"),
-            ("keep_last", self.keep_last >= 1, "an integer >= 1"),
-            ("distributed", self.distributed in ("ddp", "fsdp", "none"), "ddp, fsdp, none"),
-        ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid; allowed: {allowed}")
+            if f.name not in checks:  # the type is all there is to check
+                setattr(self, f.name, coerce_field("TrainConfig", f.name, value, f.type))
+                continue
+            ok, allowed = checks[f.name]
+            try:
+                coerced = coerce_field("TrainConfig", f.name, value, f.type)
+            except ValueError:
+                coerced, ok = None, None  # the wrong type: the message says what is allowed, range included
+            if ok is None or not ok(coerced):
+                raise ValueError(f"TrainConfig.{f.name}={value!r} is invalid; allowed: {allowed}")
+            setattr(self, f.name, coerced)
 
 
 @dataclass
