@@ -33,6 +33,39 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..methods.lora import LoraAdapter
 
 
+#: the 4-bit base every LoftQ adapter is fitted to: lorakit's and PEFT's LoftQ both quantise with NF4, block 64 and
+#: no double quantisation; the adapter only means what it was trained to mean on such a base
+LOFTQ_BASE = {"bits": 4, "quant_type": "nf4", "blocksize": 64, "double_quant": False}
+
+
+def check_loftq_base(ops, path: str, source: str = "lorakit") -> None:
+    """Raise :class:`~lorakit.io.AdapterLoadError` unless ``ops`` (a layer's base) is the 4-bit NF4 base a LoftQ
+    adapter needs (:data:`LOFTQ_BASE`); the message names the layer, what it is, and the fix.
+
+    ``source="peft"`` words the fix for PEFT LoftQ folders, whose flow loads the LoftQ-modified base in 4-bit.
+    """
+    from ..io import AdapterLoadError
+
+    if ops.quantized:
+        have = {"bits": 4, "quant_type": "nf4", "blocksize": getattr(ops.base, "blocksize", None),
+                "double_quant": getattr(ops.base, "double_quant", None)}
+        wrong = {k: have[k] for k in LOFTQ_BASE if have[k] != LOFTQ_BASE[k]}
+        if not wrong:
+            return
+        what = "is 4-bit with " + ", ".join(f"{k}={v!r}" for k, v in wrong.items())
+    else:
+        what = "is full precision (not quantised)"
+    fix = ("lorakit.quantize(model, double_quant=False, blocksize=64, compute_dtype=<the base's dtype>) before "
+           "loading; with loftq_iter > 1 the exact LoftQ backbone differs from a fresh quantisation: keep and load it "
+           "with lorakit.quant.save_quantized/load_quantized")
+    if source == "peft":
+        fix = ("PEFT's LoftQ flow loads the (LoftQ-modified) base in 4-bit NF4 (bitsandbytes nf4, no double "
+               "quantisation); in lorakit quantise it first: " + fix)
+    raise AdapterLoadError(
+        f"{path} {what}, but this LoftQ adapter was fitted to a 4-bit NF4 base (block 64, no double "
+        f"quantisation) and would compute a different function on it. Fix: {fix}")
+
+
 def top_svd(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-``r`` singular triplets ``(U_r, S_r, V_rᵀ)`` of ``m`` (fp32 results).
 
@@ -135,7 +168,8 @@ def loftq_attach(adapter: "LoraAdapter", layer: "AdaptedLayer", config: "Adapter
     if ops.kind != "linear":
         raise ValueError(f"init='loftq' needs an nn.Linear; {adapter.path} is {ops.kind}")
     weight = ops.weight_matrix()
-    q, a, b = loftq_decompose(weight, adapter.r, adapter.scaling, config.loftq_iter)
+    q, a, b = loftq_decompose(weight, adapter.r, adapter.scaling, config.loftq_iter, LOFTQ_BASE["blocksize"],
+                              LOFTQ_BASE["double_quant"])
     bias = ops.bias()
     compute = weight.dtype if weight.dtype in COMPUTE_DTYPES else torch.float32
     base = Linear4bit(ops.in_features, ops.out_features, bias is not None, compute, q.blocksize, q.double_quant,
