@@ -196,6 +196,13 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
             layers.setdefault(hit[0], {})[hit[1]] = t
     if not layers:
         raise PeftFormatError(f"{folder}: no adapter tensors found (keys like '<module>.lora_A.weight')")
+    for path in layers:  # PEFT's MHA LoRA keeps tensors on "<mha>" and "<mha>.base_layer.out_proj"
+        parts = path.split(".")
+        for i in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            if _has_module(model, prefix) and isinstance(model.get_submodule(prefix), nn.MultiheadAttention):
+                raise PeftFormatError(f"{folder}: the adapter uses PEFT's LoRA for nn.MultiheadAttention "
+                                      f"({prefix}), which lorakit does not support")
     missing = [p for p in layers if not _has_module(model, p)]
     if missing:
         raise PeftFormatError(f"{folder}: the model has no module(s) {missing[:4]}; was the adapter saved for a "
