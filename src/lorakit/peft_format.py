@@ -226,7 +226,11 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
         module_paths.setdefault(mod, {})[tname] = t
 
     translate = {"lora": _lora_layers, "dora": _lora_layers, "vera": _vera_layers, "adalora": _adalora_layers}
-    config_kwargs, layer_tensors, shared_tensors = translate[method](cfg, layers, shared, model, folder)
+    try:
+        config_kwargs, layer_tensors, shared_tensors = translate[method](cfg, layers, shared, model, folder)
+    except (RuntimeError, IndexError) as err:  # tensors whose shapes cannot be the saved method's
+        raise PeftFormatError(f"{folder}: the {peft_type} tensors do not have the shapes PEFT writes for this "
+                              f"model ({err})") from None
     dropout = cfg.get("lora_dropout", cfg.get("vera_dropout", 0.0)) or 0.0
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
         raise PeftFormatError(f"{folder}/{PEFT_CONFIG}: dropout={dropout!r} is not a number")
@@ -386,12 +390,14 @@ def _lora_layers(cfg, layers, shared, model, folder):
             raise PeftFormatError(f"{folder}: layer {path} lacks lora_A or lora_B")
         a, b = named["A"], named["B"]
         ops = _ops(model, path)
-        r = a.shape[0]
-        if ops.kind == "embedding":
+        r = a.shape[0] if a.dim() else 0
+        if a.dim() < 2 or b.dim() < 2 or b.numel() % max(r, 1) or not r:
+            a2 = b2 = a  # cannot be LoRA factors: reported below
+        elif ops.kind == "embedding":
             # PEFT: A [r, num_embeddings], B [dim, r]; lorakit's embedding matrix is [dim, num_embeddings]
             a2, b2 = a, b
         else:
-            a2, b2 = a.reshape(r, -1), b.reshape(b.shape[0], r)
+            a2, b2 = a.reshape(r, -1), b.reshape(b.shape[0], -1)
         if tuple(a2.shape) != (r, ops.in_features) or tuple(b2.shape) != (ops.out_features, r):
             raise PeftFormatError(f"{folder}: layer {path} is {ops.out_features}x{ops.in_features} but the adapter "
                                   f"has A {tuple(a.shape)}, B {tuple(b.shape)}")
