@@ -339,3 +339,19 @@ def test_peft_loftq_with_other_bits_is_refused(tmp_path, plain_peft_folder):
                          loftq_config={"loftq_bits": 2, "loftq_iter": 1})
     with pytest.raises(PeftFormatError, match="loftq_bits=2.*4-bit NF4 only.*does not support"):
         lorakit.load(lorakit.quantize(tiny_llama(), double_quant=False), folder)
+
+
+def test_cli_predict_path_quantises_the_base_a_loftq_run_needs(tmp_path, tiny_chat_folder):
+    # lorakit predict/export rebuild the model with load_adapted: a LoftQ adapter must get its NF4 base back
+    from transformers import LlamaForCausalLM
+
+    from lorakit.train.job import load_adapted
+
+    folder, _ = tiny_chat_folder
+    model = LlamaForCausalLM.from_pretrained(folder).eval()
+    lorakit.attach(model, AdapterConfig(r=4, alpha=8, init="loftq", targets=["q_proj", "v_proj"], seed=0))
+    ids = torch.randint(0, 10, (2, 7), generator=torch.Generator().manual_seed(0))
+    ref = logits(model, ids)
+    adapter = lorakit.save(model, tmp_path / "adapter")
+    adapted, _, _ = load_adapted(adapter, model=str(folder))
+    assert torch.equal(logits(adapted, ids), ref)

@@ -20,6 +20,7 @@ quantisation: ``res = W``; repeat: ``(A, B) = SVD_r(res)`` (scaled as above), ``
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,6 +65,70 @@ def check_loftq_base(ops, path: str, source: str = "lorakit") -> None:
     raise AdapterLoadError(
         f"{path} {what}, but this LoftQ adapter was fitted to a 4-bit NF4 base (block 64, no double "
         f"quantisation) and would compute a different function on it. Fix: {fix}")
+
+
+def quantize_for_adapter(model: torch.nn.Module, folder: str | os.PathLike,
+                         compute_dtype: torch.dtype | None = None) -> list[str]:
+    """Quantise, as a saved lorakit LoftQ adapter needs, the layers of ``model`` it adapts; returns their paths.
+
+    Reads ``folder``'s ``lorakit_config.json``: every adapter recording a 4-bit base (``extra["base"]``, written
+    by ``attach(init="loftq")``) or saved with ``init="loftq"`` gets its layers quantised with those settings
+    (NF4, block 64, no double quantisation), computing in ``compute_dtype`` (default: the layers' own dtype).
+    Layers already 4-bit and other folders (PEFT's) are left alone, so :func:`lorakit.load` then explains any
+    mismatch. With ``loftq_iter > 1`` the LoftQ backbone is not a fresh quantisation of the base: keep that one
+    with :func:`~lorakit.quant.save_quantized` instead. Used by ``lorakit predict``/``export``.
+
+    Example:
+        >>> import tempfile, lorakit
+        >>> net = torch.nn.Sequential(torch.nn.Linear(64, 64))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2, init="loftq"))
+        >>> folder = lorakit.save(net, tempfile.mkdtemp() + "/a")
+        >>> quantize_for_adapter(torch.nn.Sequential(torch.nn.Linear(64, 64)), folder)
+        ['0']
+    """
+    import json
+    import re
+    from pathlib import Path
+
+    from .linear4bit import quantize
+
+    cfg_file = Path(folder) / "lorakit_config.json"
+    if not cfg_file.is_file():
+        return []
+    try:
+        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+        entries = list(meta["adapters"].values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return []  # lorakit.load reports the broken file
+    wanted: dict[str, dict] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        base = (entry.get("extra") or {}).get("base")
+        if base is None and (entry.get("config") or {}).get("init") == "loftq":
+            base = LOFTQ_BASE
+        if isinstance(base, dict) and base.get("quant_type") == "nf4":
+            for path in entry.get("layers") or []:
+                wanted[path] = base
+    todo = []
+    for path, base in wanted.items():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue  # lorakit.load names the missing module
+        if isinstance(module, torch.nn.Linear):
+            todo.append((path, module, base))
+    done = []
+    settings = {(b.get("blocksize", 64), bool(b.get("double_quant", False))) for _, _, b in todo}
+    for blocksize, double_quant in sorted(settings):
+        paths = [p for p, m, b in todo if (b.get("blocksize", 64), bool(b.get("double_quant", False))) ==
+                 (blocksize, double_quant)]
+        dtype = compute_dtype or next(m for p, m, _ in todo if p == paths[0]).weight.dtype
+        # skip every module but these paths (a full-match regex)
+        skip = (rf"(?!(?:{'|'.join(re.escape(p) for p in paths)})$).*",)
+        quantize(model, double_quant=double_quant, compute_dtype=dtype, skip=skip, blocksize=int(blocksize))
+        done += paths
+    return done
 
 
 def top_svd(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
