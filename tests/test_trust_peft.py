@@ -271,7 +271,7 @@ def test_loftq_adapter_refuses_a_full_precision_base(loftq_saved, fmt):
     folder = loftq_saved[fmt]
     model = tiny_llama()
     before, on_disk = state(model), files(folder)
-    with pytest.raises(AdapterLoadError, match=r"full precision.*LoftQ.*lorakit\.quantize\(model, double_quant=False"):
+    with pytest.raises(AdapterLoadError, match=r"full precision.*LoftQ.*quantize_for_adapter\(model, folder\)"):
         lorakit.load(model, folder)
     assert_same_state(model, before)
     assert files(folder) == on_disk
@@ -293,6 +293,13 @@ def test_loftq_adapter_loads_on_the_base_it_names(loftq_saved, fmt):
     assert torch.allclose(logits(model), loftq_saved[2], atol=1e-5)
     if fmt == 0:
         assert torch.equal(logits(model), loftq_saved[2])
+    # the helper the error message names quantises exactly the adapter's layers
+    from lorakit.quant import quantize_for_adapter
+
+    model = tiny_llama()
+    assert len(quantize_for_adapter(model, loftq_saved[fmt])) == 14  # 2 blocks x 7 linear layers
+    lorakit.load(model, loftq_saved[fmt])
+    assert torch.allclose(logits(model), loftq_saved[2], atol=1e-5)
 
 
 def test_loftq_adapter_records_its_base(loftq_saved):

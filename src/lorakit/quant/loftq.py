@@ -56,12 +56,13 @@ def check_loftq_base(ops, path: str, source: str = "lorakit") -> None:
         what = "is 4-bit with " + ", ".join(f"{k}={v!r}" for k, v in wrong.items())
     else:
         what = "is full precision (not quantised)"
-    fix = ("lorakit.quantize(model, double_quant=False, blocksize=64, compute_dtype=<the base's dtype>) before "
-           "loading; with loftq_iter > 1 the exact LoftQ backbone differs from a fresh quantisation: keep and load it "
-           "with lorakit.quant.save_quantized/load_quantized")
+    fix = ("quantise the adapted layers first: lorakit.quant.quantize_for_adapter(model, folder) does exactly that "
+           "(or lorakit.quantize(model, double_quant=False, blocksize=64, compute_dtype=<the base's dtype>) for every "
+           "linear layer), then load; with loftq_iter > 1 the exact LoftQ backbone differs from a fresh "
+           "quantisation: keep and load it with lorakit.quant.save_quantized/load_quantized")
     if source == "peft":
         fix = ("PEFT's LoftQ flow loads the (LoftQ-modified) base in 4-bit NF4 (bitsandbytes nf4, no double "
-               "quantisation); in lorakit quantise it first: " + fix)
+               "quantisation); in lorakit " + fix)
     raise AdapterLoadError(
         f"{path} {what}, but this LoftQ adapter was fitted to a 4-bit NF4 base (block 64, no double "
         f"quantisation) and would compute a different function on it. Fix: {fix}")
@@ -74,7 +75,8 @@ def quantize_for_adapter(model: torch.nn.Module, folder: str | os.PathLike,
     Reads ``folder``'s ``lorakit_config.json``: every adapter recording a 4-bit base (``extra["base"]``, written
     by ``attach(init="loftq")``) or saved with ``init="loftq"`` gets its layers quantised with those settings
     (NF4, block 64, no double quantisation), computing in ``compute_dtype`` (default: the layers' own dtype).
-    Layers already 4-bit and other folders (PEFT's) are left alone, so :func:`lorakit.load` then explains any
+    A PEFT LoftQ folder (``init_lora_weights: "loftq"`` or a ``loftq_config``) gets its LoRA layers quantised the
+    same way. Layers already 4-bit and other folders are left alone, so :func:`lorakit.load` then explains any
     mismatch. With ``loftq_iter > 1`` the LoftQ backbone is not a fresh quantisation of the base: keep that one
     with :func:`~lorakit.quant.save_quantized` instead. Used by ``lorakit predict``/``export``.
 
@@ -93,13 +95,14 @@ def quantize_for_adapter(model: torch.nn.Module, folder: str | os.PathLike,
     from .linear4bit import quantize
 
     cfg_file = Path(folder) / "lorakit_config.json"
-    if not cfg_file.is_file():
-        return []
     try:
-        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
-        entries = list(meta["adapters"].values())
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return []  # lorakit.load reports the broken file
+        if cfg_file.is_file():
+            meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+            entries = list(meta["adapters"].values())
+        else:
+            entries = _peft_loftq_entries(Path(folder))
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        return []  # lorakit.load reports the broken folder
     wanted: dict[str, dict] = {}
     for entry in entries:
         if not isinstance(entry, dict):
@@ -129,6 +132,23 @@ def quantize_for_adapter(model: torch.nn.Module, folder: str | os.PathLike,
         quantize(model, double_quant=double_quant, compute_dtype=dtype, skip=skip, blocksize=int(blocksize))
         done += paths
     return done
+
+
+def _peft_loftq_entries(folder) -> list[dict]:
+    """A PEFT LoftQ folder as :func:`quantize_for_adapter` entries (layers read from the tensor names)."""
+    import json
+
+    from safetensors import safe_open
+
+    from ..peft_format import PEFT_CONFIG, PEFT_WEIGHTS, PREFIX, _peft_loftq
+
+    cfg = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
+    if not isinstance(cfg, dict) or _peft_loftq(cfg, folder) is None:
+        return []
+    with safe_open(str(folder / PEFT_WEIGHTS), "pt") as fh:
+        keys = list(fh.keys())
+    layers = sorted({k[len(PREFIX):].rsplit(".lora_A", 1)[0] for k in keys if ".lora_A" in k and k.startswith(PREFIX)})
+    return [{"config": {"init": "loftq"}, "layers": layers}]
 
 
 def top_svd(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
