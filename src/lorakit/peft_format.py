@@ -285,15 +285,10 @@ def _peft_loftq(cfg: dict[str, Any], folder: Path) -> dict[str, int] | None:
 
 
 def _check_peft_layer(model: nn.Module, path: str, folder: Path, loftq: dict[str, int] | None) -> None:
-    """Refuse, naming the cause, a PEFT layer lorakit cannot adapt (MultiheadAttention, other types) or a LoftQ
-    adapter's layer whose base is not the 4-bit NF4 base it was fitted to."""
+    """Refuse, naming the cause, a PEFT layer lorakit cannot adapt or a LoftQ adapter's layer whose base is not
+    the 4-bit NF4 base it was fitted to (nn.MultiheadAttention is refused by the caller)."""
     from .layers import UnsupportedLayer
 
-    module = model.get_submodule(path)
-    if isinstance(module, nn.MultiheadAttention) or any(
-            isinstance(m, nn.MultiheadAttention) and m.out_proj is module for m in model.modules()):
-        raise PeftFormatError(f"{folder}: the adapter uses PEFT's LoRA for nn.MultiheadAttention ({path}), which "
-                              f"lorakit does not support")
     try:
         ops = _ops(model, path)
     except UnsupportedLayer as err:
@@ -483,7 +478,7 @@ def _adalora_layers(cfg, layers, shared, model, folder):
                                   f"B {tuple(named['B'].shape)}")
         out[path] = {"A": a, "E": e, "B": b}
         final[path] = rows
-    alpha = _num(cfg, "lora_alpha", 8, folder, float, 0)
+    alpha = _num({"lora_alpha": cfg.get("lora_alpha", 8) or 0}, "lora_alpha", 8, folder, float, 0)
     target_r = _num(cfg, "target_r", 8, folder)
     kwargs = dict(r=init_r, alpha=alpha if alpha > 0 else float(init_r),  # PEFT: lora_alpha, or r when it is 0
                   final_ranks=final if masks else None,
