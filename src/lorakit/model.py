@@ -147,6 +147,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
         ['0']
     """
     heads = _output_heads(model)
+    bypassed = _mha_out_projs(model)
     keep = [m for m in config.modules_to_save]
     found = []
     for path, module in _candidate_modules(model):
@@ -157,7 +158,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
         if keep and (_matches(keep, path) or any(_matches(keep, p) for p in _ancestors(path))):
             continue  # a module saved whole (and everything inside it) trains as it is
         if config.targets == "all-linear":
-            if not _is_linear_like(module) or id(module) in heads:
+            if not _is_linear_like(module) or id(module) in heads or id(module) in bypassed:
                 continue
             if any(part in HEAD_NAMES for part in path.split(".")):
                 continue
@@ -167,6 +168,24 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
     # a container matched by a name must not also hide its children: keep only the outermost? No — an explicit
     # name that matches a container is an error (reported by the caller), like PEFT.
     return found
+
+
+def _mha_out_projs(model: nn.Module) -> set[int]:
+    """``out_proj`` of every ``nn.MultiheadAttention``: a Linear that MHA never calls (it reads ``.weight``)."""
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def _check_not_mha(path: str, module: nn.Module, bypassed: set[int]) -> None:
+    if isinstance(module, nn.MultiheadAttention):
+        raise UnsupportedLayer(
+            f"{path} is an nn.MultiheadAttention, which lorakit does not support: it computes attention from its "
+            "packed in_proj_weight/out_proj.weight in one fused call, so there is no layer call an adapter could "
+            "join. Target the model's own nn.Linear projections instead, or exclude it")
+    if id(module) in bypassed:
+        raise UnsupportedLayer(
+            f"{path} is the out_proj of an nn.MultiheadAttention, which reads out_proj.weight directly and never "
+            "calls the module, so an adapter there would have no effect; lorakit does not support "
+            "nn.MultiheadAttention. Remove it from targets (all-linear skips it)")
 
 
 def adaptable_names(model: nn.Module) -> list[str]:
@@ -316,18 +335,22 @@ def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = 
             f"targets={config.targets!r} matched no module. Adaptable modules: {_short_list(adaptable_names(model))}"
         )
     resolved = []
+    bypassed = _mha_out_projs(model)
     for path, module in targets:
         if isinstance(module, ModuleCopies):
             raise ValueError(f"{path} is trained whole by adapter(s) {list(module.copies)} (modules_to_save), so it "
                              "cannot also be adapted; exclude it from targets")
         if path == "":
             raise ValueError("cannot adapt the root module itself; wrap it, e.g. nn.Sequential(layer)")
+        _check_not_mha(path, module, bypassed)
         base = module.base if isinstance(module, AdaptedLayer) else module
         try:
             ops = module.ops if isinstance(module, AdaptedLayer) else ops_for(base)
         except UnsupportedLayer as err:
             raise UnsupportedLayer(f"{path}: {err}") from None
         method.check_layer(ops, config, path)
+        if not init:  # loading saved tensors: the base must be the one they were fitted to (LoftQ's 4-bit base)
+            method.check_loaded_layer(ops, config, path)
         resolved.append((path, module, ops))
 
     mts = []
@@ -438,6 +461,9 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     """
     plan = build_plan(model, config, name)
     commit_plan(model, plan)
+    needs = get_method(config.method).base_requirements(config)
+    if needs:  # saved with the adapter, so anyone loading it can tell which base it needs (LoftQ: its NF4 base)
+        plan.registry.extra.setdefault(name, {})["base"] = needs
     return model
 
 

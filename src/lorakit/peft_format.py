@@ -53,12 +53,44 @@ LORA_KEYS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A"
 DORA_KEYS = {"lora_magnitude_vector": "magnitude"}
 VERA_KEYS = {"vera_lambda_b": "lambda_b", "vera_lambda_d": "lambda_d"}
 ADALORA_KEYS = {"lora_A": "A", "lora_B": "B", "lora_E": "E"}
-UNSUPPORTED_LORA_OPTIONS = ("use_qalora", "lora_bias", "layer_replication", "use_bdlora", "alora_invocation_tokens",
-                            "arrow_config", "runtime_config.ephemeral_gpu_offload", "trainable_token_indices")
+#: PEFT LoRA options (adapter_config.json keys) that change what the adapter computes and that lorakit does not
+#: implement, with the PEFT feature each one turns on; a folder setting any of them (to a truthy value) is refused
+PEFT_LORA_FEATURES = {
+    "use_qalora": "QA-LoRA (quantisation-aware LoRA)",
+    "lora_bias": "LoRA bias (a trained bias on lora_B)",
+    "layer_replication": "layer replication (duplicated decoder layers)",
+    "use_bdlora": "BD-LoRA (block-diagonal LoRA)",
+    "alora_invocation_tokens": "Activated LoRA (aLoRA)",
+    "arrow_config": "Arrow routing between LoRA experts",
+    "trainable_token_indices": "trainable tokens (per-token embedding updates)",
+    "target_parameters": "LoRA on nn.Parameters (target_parameters, e.g. MoE expert weights)",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "kasa_config": "KaSA",
+}
+UNSUPPORTED_LORA_OPTIONS = tuple(PEFT_LORA_FEATURES)
+#: ``init_lora_weights`` values lorakit cannot load, with the reason
+PEFT_UNSUPPORTED_INITS = {
+    "pissa": "PiSSA changes the base weights it was trained on",
+    "olora": "OLoRA changes the base weights it was trained on",
+    "corda": "CorDA changes the base weights it was trained on",
+    "lora_ga": "LoRA-GA changes the base weights it was trained on",
+    "eva": "EVA (data-driven initialisation) is not supported by lorakit's PEFT reader",
+    "mica": "MiCA is a LoRA variant with its own forward",
+}
+#: PEFT's task types (TaskType) and the transformers class-name endings that imply them
+PEFT_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+_TASK_BY_CLASS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                  ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
+                  ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"))
 
 
 class PeftFormatError(AdapterLoadError):
     """A PEFT folder uses something lorakit cannot represent (named in the message)."""
+
+
+class PeftFileMissing(PeftFormatError, FileNotFoundError):
+    """A PEFT folder lacks ``adapter_config.json`` or ``adapter_model.safetensors`` (a FileNotFoundError too)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -69,14 +101,23 @@ def read_peft_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     folder = Path(path)
     cfg_file, w_file = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
     if not cfg_file.exists():
-        raise FileNotFoundError(f"{folder} has no {PEFT_CONFIG}")
+        raise PeftFileMissing(f"{folder} has no {PEFT_CONFIG}")
     if not w_file.exists():
         if (folder / "adapter_model.bin").exists():
             raise PeftFormatError(f"{folder} holds adapter_model.bin (a pickle); lorakit never unpickles. Re-save "
                                   f"it with PEFT's save_pretrained(safe_serialization=True)")
-        raise FileNotFoundError(f"{folder} has no {PEFT_WEIGHTS}")
-    cfg = json.loads(cfg_file.read_text())
-    raw = _read_weights(w_file)[0]  # corrupt/incomplete files and NaN/inf tensors: a clear error naming the file
+        raise PeftFileMissing(f"{folder} has no {PEFT_WEIGHTS}")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PeftFormatError(f"{cfg_file}: not valid JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise PeftFormatError(f"{cfg_file}: expected a JSON object (PEFT's adapter config), got "
+                              f"{type(cfg).__name__}")
+    try:  # corrupt/incomplete files and NaN/inf tensors: a clear error naming the file
+        raw = _read_weights(w_file)[0]
+    except AdapterLoadError as err:
+        raise PeftFormatError(str(err)) from None
     tensors = {}
     for key, t in raw.items():
         if key.startswith(PREFIX):
@@ -105,29 +146,40 @@ def _split_layer_key(key: str, suffixes: dict[str, str]) -> tuple[str, str] | No
 def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module,
                     folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Translate a PEFT adapter into one lorakit folder entry (``meta`` for one adapter) and its tensors."""
-    peft_type = str(cfg.get("peft_type", "")).upper()
+    peft_type = cfg.get("peft_type")
+    if not isinstance(peft_type, str) or not peft_type:
+        raise PeftFormatError(f"{folder}/{PEFT_CONFIG}: peft_type={peft_type!r} is missing or not a string; "
+                              f"lorakit reads PEFT's LORA (incl. DoRA/rsLoRA), VERA and ADALORA adapters")
+    peft_type = peft_type.upper()
+    if peft_type not in ("LORA", "ADALORA", "VERA"):
+        raise PeftFormatError(f"{folder}: PEFT method {peft_type} (peft_type={cfg['peft_type']!r}) is not supported "
+                              f"by lorakit; lorakit reads PEFT's LORA (incl. DoRA/rsLoRA), VERA and ADALORA adapters")
     if peft_type in ("LORA", "ADALORA", "VERA"):  # AdaLoRA's config extends LoRA's; VeRA has bias too
-        for option in UNSUPPORTED_LORA_OPTIONS:
+        for option, feature in PEFT_LORA_FEATURES.items():
             if cfg.get(option):
-                raise PeftFormatError(f"{folder}: PEFT option {option}={cfg[option]!r} is not supported by lorakit")
+                raise PeftFormatError(f"{folder}: the adapter uses PEFT's {feature} ({option}={cfg[option]!r}), "
+                                      f"which lorakit does not support")
         if cfg.get("bias", "none") != "none":
             raise PeftFormatError(f"{folder}: bias={cfg['bias']!r} (trained biases) is not supported; only "
                                   f"bias='none' adapters load")
+    loftq = None
     if peft_type == "LORA":
         init = cfg.get("init_lora_weights", True)
-        if isinstance(init, str) and init.startswith(("pissa", "olora", "corda", "eva")):
-            raise PeftFormatError(f"{folder}: init_lora_weights={init!r} adapters need PEFT's modified base "
-                                  f"weights; convert them to plain LoRA first (PEFT: path_initial_model_for_"
-                                  f"weight_conversion)")
+        if isinstance(init, str):
+            key = "pissa" if init.startswith("pissa") else init
+            if key in PEFT_UNSUPPORTED_INITS:
+                hint = (" Convert it to plain LoRA first (PEFT: save_pretrained(..., "
+                        "path_initial_model_for_weight_conversion=...))" if "base weights" in
+                        PEFT_UNSUPPORTED_INITS[key] else "")
+                raise PeftFormatError(f"{folder}: init_lora_weights={init!r}: {PEFT_UNSUPPORTED_INITS[key]}; lorakit "
+                                      f"does not support loading it.{hint}")
+        loftq = _peft_loftq(cfg, folder)
         method = "dora" if cfg.get("use_dora") else "lora"
         suffixes = {**LORA_KEYS, **(DORA_KEYS if method == "dora" else {})}
     elif peft_type == "VERA":
         method, suffixes = "vera", VERA_KEYS
-    elif peft_type == "ADALORA":
-        method, suffixes = "adalora", ADALORA_KEYS
     else:
-        raise PeftFormatError(f"{folder}: PEFT type {peft_type!r} is not supported; lorakit reads LORA (incl. "
-                              f"DoRA/rsLoRA), VERA and ADALORA")
+        method, suffixes = "adalora", ADALORA_KEYS
 
     layers: dict[str, dict[str, torch.Tensor]] = {}
     leftovers: dict[str, torch.Tensor] = {}
@@ -143,13 +195,27 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
             layers.setdefault(hit[0], {})[hit[1]] = t
     if not layers:
         raise PeftFormatError(f"{folder}: no adapter tensors found (keys like '<module>.lora_A.weight')")
+    for path in layers:  # PEFT's MHA LoRA keeps tensors on "<mha>" and "<mha>.base_layer.out_proj"
+        parts = path.split(".")
+        for i in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            if _has_module(model, prefix) and isinstance(model.get_submodule(prefix), nn.MultiheadAttention):
+                raise PeftFormatError(f"{folder}: the adapter uses PEFT's LoRA for nn.MultiheadAttention "
+                                      f"({prefix}), which lorakit does not support")
     missing = [p for p in layers if not _has_module(model, p)]
     if missing:
         raise PeftFormatError(f"{folder}: the model has no module(s) {missing[:4]}; was the adapter saved for a "
                               f"different model? (pass the same architecture PEFT wrapped)")
+    for path in layers:
+        _check_peft_layer(model, path, folder, loftq)
+    # PEFT's default save of an adapted embedding/lm_head also writes the base weight ("<module>.base_layer.weight")
+    leftovers = {k: t for k, t in leftovers.items() if not _same_base_tensor(model, k, t, layers, folder)}
 
     # modules_to_save: every remaining key must belong to one of them
-    mts_names = list(cfg.get("modules_to_save") or [])
+    mts_names = cfg.get("modules_to_save") or []
+    if not isinstance(mts_names, list) or not all(isinstance(m, str) for m in mts_names):
+        raise PeftFormatError(f"{folder}/{PEFT_CONFIG}: modules_to_save={mts_names!r} must be a list of module "
+                              f"names or null")
     module_paths: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in leftovers.items():
         # the outermost module on the key's path that modules_to_save names (a head may have children)
@@ -162,12 +228,21 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
         module_paths.setdefault(".".join(parts[:cut]), {})[".".join(parts[cut:])] = t
 
     translate = {"lora": _lora_layers, "dora": _lora_layers, "vera": _vera_layers, "adalora": _adalora_layers}
-    config_kwargs, layer_tensors, shared_tensors = translate[method](cfg, layers, shared, model, folder)
+    try:
+        config_kwargs, layer_tensors, shared_tensors = translate[method](cfg, layers, shared, model, folder)
+    except (RuntimeError, IndexError) as err:  # tensors whose shapes cannot be the saved method's
+        raise PeftFormatError(f"{folder}: the {peft_type} tensors do not have the shapes PEFT writes for this "
+                              f"model ({err})") from None
+    dropout = cfg.get("lora_dropout", cfg.get("vera_dropout", 0.0)) or 0.0
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise PeftFormatError(f"{folder}/{PEFT_CONFIG}: dropout={dropout!r} is not a number")
     config_kwargs.update(method=method, targets=sorted(layers), modules_to_save=sorted(module_paths),
-                         dropout=float(cfg.get("lora_dropout", cfg.get("vera_dropout", 0.0)) or 0.0))
+                         dropout=float(dropout))
+    if loftq is not None:
+        config_kwargs.update(init="loftq", loftq_iter=loftq["loftq_iter"])
     try:
         config = AdapterConfig(**config_kwargs)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise PeftFormatError(f"{folder}: the PEFT config does not translate to a valid lorakit config: {exc}") from None
     out: dict[str, torch.Tensor] = {}
     for path, named in layer_tensors.items():
@@ -181,6 +256,90 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
     entry = {"config": config.to_dict(), "layers": sorted(layers), "modules_to_save": sorted(module_paths),
              "extra": {"source": "peft", "peft_type": peft_type}}
     return entry, out
+
+
+def _num(cfg: dict[str, Any], key: str, default: Any, folder: Path, kind: type = int, minimum: float = 1) -> Any:
+    """``cfg[key]`` (``default`` when absent) as ``kind``, or a PeftFormatError naming the key and the value."""
+    value = cfg.get(key, default)
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and value >= minimum and (kind is float or float(value).is_integer()))
+    if not ok:
+        want = "an integer" if kind is int else "a number"
+        raise PeftFormatError(f"{folder}/{PEFT_CONFIG}: {key}={value!r} is invalid; PEFT writes {want} >= {minimum} "
+                              f"there (fix or re-save the adapter with PEFT)")
+    return kind(value)
+
+
+def _peft_loftq(cfg: dict[str, Any], folder: Path) -> dict[str, int] | None:
+    """The LoftQ settings of a PEFT LoRA folder, or None: ``init_lora_weights: "loftq"`` (PEFT's own save) or a
+    non-empty ``loftq_config`` (lorakit's export, which keeps ``init_lora_weights: true`` so PEFT loads it onto its
+    4-bit base without re-running LoftQ)."""
+    lcfg = cfg.get("loftq_config") or {}
+    if cfg.get("init_lora_weights") != "loftq" and not lcfg:
+        return None
+    if not isinstance(lcfg, dict):
+        raise PeftFormatError(f"{folder}/{PEFT_CONFIG}: loftq_config={lcfg!r} must be a JSON object")
+    bits = lcfg.get("loftq_bits", 4)
+    if bits != 4 or isinstance(bits, bool):
+        raise PeftFormatError(f"{folder}: the adapter is LoftQ with loftq_bits={bits!r}; lorakit's quantised bases "
+                              f"are 4-bit NF4 only, so it does not support this adapter")
+    return {"loftq_bits": 4, "loftq_iter": _num(lcfg, "loftq_iter", 1, folder)}
+
+
+def _check_peft_layer(model: nn.Module, path: str, folder: Path, loftq: dict[str, int] | None) -> None:
+    """Refuse, naming the cause, a PEFT layer lorakit cannot adapt or a LoftQ adapter's layer whose base is not
+    the 4-bit NF4 base it was fitted to (nn.MultiheadAttention is refused by the caller)."""
+    from .layers import UnsupportedLayer
+
+    try:
+        ops = _ops(model, path)
+    except UnsupportedLayer as err:
+        raise PeftFormatError(f"{folder}: PEFT adapted {path}, which lorakit cannot adapt: {err}") from None
+    if loftq is not None:
+        from .quant.loftq import check_loftq_base
+
+        try:
+            check_loftq_base(ops, path, source="peft")
+        except AdapterLoadError as err:
+            raise PeftFormatError(f"{folder}: {err}") from None
+
+
+def _same_base_tensor(model: nn.Module, key: str, saved: torch.Tensor, layers: dict[str, Any], folder: Path) -> bool:
+    """True if ``key`` is ``<adapted layer>.base_layer.<tensor>`` (PEFT's ``save_embedding_layers`` copy of the
+    base weight) and equals the model's own tensor, so it can be ignored. A different copy is refused: it means
+    the adapter was trained on another (resized or fine-tuned) base, and lorakit never swaps base weights while
+    loading an adapter (PEFT silently would)."""
+    from .layers import AdaptedLayer
+
+    mod, _, tname = key.rpartition(".")
+    if not mod.endswith(".base_layer") and mod != "base_layer":
+        return False
+    path = mod[: -len(".base_layer")].rstrip(".")
+    if path not in layers:
+        return False
+    module = model.get_submodule(path)
+    base = module.base if isinstance(module, AdaptedLayer) else module
+    have = dict(base.named_parameters(recurse=False)).get(tname)
+    if have is None:
+        return False
+    have = have.detach()
+    if tuple(have.shape) != tuple(saved.shape):
+        raise PeftFormatError(
+            f"{folder}: {key} (the base weight PEFT saved next to the adapter on {path}) has shape "
+            f"{tuple(saved.shape)}, this model's has {tuple(have.shape)}: the adapter was trained on a model with "
+            f"resized embeddings. Build the base the same way first (resize_token_embeddings and load those "
+            f"weights), then load the adapter")
+    saved = saved.to(have.device)
+    if torch.equal(saved, have.to(saved.dtype)) or torch.equal(saved.to(have.dtype), have):
+        return True
+    diff = (saved.float() - have.float()).abs().max().item()
+    if diff <= 1e-6 * max(1.0, have.float().abs().max().item()):
+        return True
+    raise PeftFormatError(
+        f"{folder}: {key} (the base weight PEFT saved next to the adapter on {path}) differs from this model's "
+        f"{path}.{tname} (max difference {diff:.3g}): the adapter was trained on a different (fine-tuned or "
+        f"resized) base. lorakit does not replace base weights while loading an adapter; load that base first "
+        f"(e.g. copy the tensor into {path}.{tname}), then load the adapter")
 
 
 def _has_module(model: nn.Module, path: str) -> bool:
@@ -202,11 +361,19 @@ def _ranked_config(cfg: dict[str, Any], ranks: dict[str, int], default_r: int, d
                    rslora: bool) -> dict[str, Any]:
     """lorakit rank/alpha patterns (exact paths) reproducing PEFT's per-layer ranks and alphas."""
     alpha_patterns = cfg.get("alpha_pattern") or {}
+    if not isinstance(alpha_patterns, dict) or not all(
+            isinstance(k, str) and not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+            and v > 0 for k, v in alpha_patterns.items()):
+        raise PeftFormatError(f"{PEFT_CONFIG}: alpha_pattern={alpha_patterns!r} must map module-name regexes to "
+                              f"positive numbers")
     rank_pattern, alpha_pattern = {}, {}
     for path, r in ranks.items():
         if r != default_r:
             rank_pattern[path] = r
-        key = _pattern_key(alpha_patterns, path)
+        try:
+            key = _pattern_key(alpha_patterns, path)
+        except re.error as err:
+            raise PeftFormatError(f"{PEFT_CONFIG}: alpha_pattern has an invalid regex ({err})") from None
         alpha = float(alpha_patterns[key]) if key is not None else float(default_alpha)
         alpha_pattern[path] = alpha
     return {"r": default_r, "alpha": float(default_alpha), "scaling": "rslora" if rslora else "standard",
@@ -220,12 +387,14 @@ def _lora_layers(cfg, layers, shared, model, folder):
             raise PeftFormatError(f"{folder}: layer {path} lacks lora_A or lora_B")
         a, b = named["A"], named["B"]
         ops = _ops(model, path)
-        r = a.shape[0]
-        if ops.kind == "embedding":
+        r = a.shape[0] if a.dim() else 0
+        if a.dim() < 2 or b.dim() < 2 or b.numel() % max(r, 1) or not r:
+            a2 = b2 = a  # cannot be LoRA factors: reported below
+        elif ops.kind == "embedding":
             # PEFT: A [r, num_embeddings], B [dim, r]; lorakit's embedding matrix is [dim, num_embeddings]
             a2, b2 = a, b
         else:
-            a2, b2 = a.reshape(r, -1), b.reshape(b.shape[0], r)
+            a2, b2 = a.reshape(r, -1), b.reshape(b.shape[0], -1)
         if tuple(a2.shape) != (r, ops.in_features) or tuple(b2.shape) != (ops.out_features, r):
             raise PeftFormatError(f"{folder}: layer {path} is {ops.out_features}x{ops.in_features} but the adapter "
                                   f"has A {tuple(a.shape)}, B {tuple(b.shape)}")
@@ -233,15 +402,18 @@ def _lora_layers(cfg, layers, shared, model, folder):
         out[path] = {"A": a2, "B": b2}
         if "magnitude" in named:
             out[path]["magnitude"] = named["magnitude"].reshape(-1)
-    kwargs = _ranked_config(cfg, ranks, int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8)),
+    kwargs = _ranked_config(cfg, ranks, _num(cfg, "r", 8, folder), _num(cfg, "lora_alpha", 8, folder, float, 0),
                             bool(cfg.get("use_rslora")))
     return kwargs, out, {}
 
 
 def _vera_layers(cfg, layers, shared, model, folder):
     out = {path: {"lambda_b": named["lambda_b"], "lambda_d": named["lambda_d"]} for path, named in layers.items()}
-    kwargs = {"r": int(cfg.get("r", 256)), "d_initial": float(cfg.get("d_initial", 0.1)),
-              "seed": int(cfg.get("projection_prng_key", 0)), "save_projection": bool(shared)}
+    for path, named in layers.items():
+        if "lambda_b" not in named or "lambda_d" not in named:
+            raise PeftFormatError(f"{folder}: VeRA layer {path} lacks vera_lambda_b or vera_lambda_d")
+    kwargs = {"r": _num(cfg, "r", 256, folder), "d_initial": _num(cfg, "d_initial", 0.1, folder, float, 0),
+              "seed": _num(cfg, "projection_prng_key", 0, folder, int, 0), "save_projection": bool(shared)}
     shared_out = {}
     if shared:
         shared_out = {"vera_A": shared["vera_A"], "vera_B": shared["vera_B"]}
@@ -251,6 +423,8 @@ def _vera_layers(cfg, layers, shared, model, folder):
 def _adalora_masks(cfg: dict[str, Any], folder: Path) -> dict[str, list[bool]]:
     """PEFT's ``rank_pattern`` after rank allocation: ``{"<path>.lora_E": [bool] * init_r}`` -> ``{path: mask}``."""
     pattern = cfg.get("rank_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise PeftFormatError(f"{folder}: AdaLoRA rank_pattern={pattern!r} must be a JSON object or null")
     masks = {}
     for key, mask in pattern.items():
         if ".lora_E" not in key:
@@ -266,7 +440,7 @@ def _adalora_masks(cfg: dict[str, Any], folder: Path) -> dict[str, list[bool]]:
 def _adalora_layers(cfg, layers, shared, model, folder):
     """PEFT AdaLoRA -> lorakit AdaLoRA: ``r = init_r`` always (it sets the scaling alpha/(init_r + 1e-5)); layers
     pruned by rank allocation get their kept rank from ``final_ranks``, as lorakit's own ``finish()`` records it."""
-    init_r = int(cfg.get("init_r", 12))
+    init_r = _num(cfg, "init_r", 12, folder)
     masks = _adalora_masks(cfg, folder)
     unknown = sorted(set(masks) - set(layers))
     if unknown:
@@ -306,16 +480,16 @@ def _adalora_layers(cfg, layers, shared, model, folder):
                                   f"B {tuple(named['B'].shape)}")
         out[path] = {"A": a, "E": e, "B": b}
         final[path] = rows
-    alpha = float(cfg.get("lora_alpha", 8) or 0)
-    target_r = int(cfg.get("target_r", 8))
+    alpha = _num({"lora_alpha": cfg.get("lora_alpha", 8) or 0}, "lora_alpha", 8, folder, float, 0)
+    target_r = _num(cfg, "target_r", 8, folder)
     kwargs = dict(r=init_r, alpha=alpha if alpha > 0 else float(init_r),  # PEFT: lora_alpha, or r when it is 0
                   final_ranks=final if masks else None,
                   # a finished adapter no longer uses target_r; keep it valid for lorakit's checks
                   target_r=min(target_r, init_r) if masks else target_r,
-                  total_steps=cfg.get("total_step"), t_init=int(cfg.get("tinit", 0)),
-                  t_final=int(cfg.get("tfinal", 0)), delta_t=int(cfg.get("deltaT", 1)),
-                  beta1=float(cfg.get("beta1", 0.85)), beta2=float(cfg.get("beta2", 0.85)),
-                  orth_reg=float(cfg.get("orth_reg_weight", 0.5)))
+                  total_steps=cfg.get("total_step"), t_init=_num(cfg, "tinit", 0, folder, int, 0),
+                  t_final=_num(cfg, "tfinal", 0, folder, int, 0), delta_t=_num(cfg, "deltaT", 1, folder),
+                  beta1=_num(cfg, "beta1", 0.85, folder, float, 0), beta2=_num(cfg, "beta2", 0.85, folder, float, 0),
+                  orth_reg=_num(cfg, "orth_reg_weight", 0.5, folder, float, 0))
     return kwargs, out, {}
 
 
@@ -431,15 +605,22 @@ def _restore(model: nn.Module, snap: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
-def save_peft(model: nn.Module, path: str | os.PathLike, names: Sequence[str], base_model_name: str | None = None
-              ) -> Path:
+def save_peft(model: nn.Module, path: str | os.PathLike, names: Sequence[str], base_model_name: str | None = None,
+              *, base_model_name_or_path: str | None = None, task_type: str | None = None) -> Path:
     """Write adapters ``names`` in PEFT's format to folder ``path`` (atomically); returns the folder.
 
     One adapter goes into ``path`` itself, whatever its name. Several follow PEFT's own ``save_pretrained`` layout:
     ``"default"`` in ``path``, every other adapter in ``path/<name>``, so ``PeftModel.from_pretrained(base, path)``
     loads "default" and ``peft_model.load_adapter(path / name, adapter_name=name)`` (or
     ``PeftModel.from_pretrained(base, path / name)``) the others. Every adapter is translated before anything is
-    written. Called by ``lorakit.save(model, path, format="peft")``.
+    written. Called by ``lorakit.save(model, path, format="peft", ...)``.
+
+    ``base_model_name_or_path`` (``base_model_name`` is its older spelling) and ``task_type`` (one of PEFT's
+    ``CAUSAL_LM``, ``SEQ_CLS``, ``SEQ_2_SEQ_LM``, ``TOKEN_CLS``, ``QUESTION_ANS``, ``FEATURE_EXTRACTION``) go into
+    ``adapter_config.json``, so ``peft.AutoPeftModelFor*.from_pretrained(path)`` can build the base itself. When
+    not given they are taken from the model when it tells: its ``name_or_path`` (set by ``from_pretrained``) and
+    its transformers class (``*ForCausalLM`` -> ``CAUSAL_LM``, ``*ForSequenceClassification`` -> ``SEQ_CLS``, ...);
+    otherwise they stay null, as before.
 
     Example:
         >>> import torch, lorakit, tempfile
@@ -451,6 +632,19 @@ def save_peft(model: nn.Module, path: str | os.PathLike, names: Sequence[str], b
         ['adapter_config.json', 'adapter_model.safetensors', 'other']
     """
     registry(model)  # a clear error for a model without adapters
+    if base_model_name is not None and base_model_name_or_path is not None \
+            and base_model_name != base_model_name_or_path:
+        raise ValueError(f"save(format='peft'): base_model_name={base_model_name!r} and base_model_name_or_path="
+                         f"{base_model_name_or_path!r} disagree; pass only base_model_name_or_path")
+    base_name = base_model_name_or_path if base_model_name_or_path is not None else base_model_name
+    if base_name is not None and (not isinstance(base_name, (str, os.PathLike)) or not str(base_name)):
+        raise ValueError(f"save(format='peft'): base_model_name_or_path={base_name!r} must be a non-empty string "
+                         f"(a hub id or a local folder)")
+    if task_type is not None and task_type not in PEFT_TASK_TYPES:
+        raise ValueError(f"save(format='peft'): task_type={task_type!r} is invalid; PEFT's task types are "
+                         f"{', '.join(PEFT_TASK_TYPES)}")
+    base_name = str(base_name) if base_name is not None else _model_name_or_path(model)
+    task_type = task_type if task_type is not None else infer_task_type(model)
     names = list(names)
     if len(set(names)) != len(names):
         raise ValueError(f"save(format='peft') got repeated adapter names {names}")
@@ -468,13 +662,39 @@ def save_peft(model: nn.Module, path: str | os.PathLike, names: Sequence[str], b
         for name, (cfg, tensors) in plans:
             sub = folder if len(plans) == 1 or name == "default" else folder / name
             sub.mkdir(parents=True, exist_ok=True)
-            if base_model_name:
-                cfg["base_model_name_or_path"] = base_model_name
+            cfg["base_model_name_or_path"] = base_name
+            cfg["task_type"] = task_type
             save_file(tensors, str(sub / PEFT_WEIGHTS), metadata={"format": "pt"})
             (sub / PEFT_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
     _atomic_folder(Path(path), write)
     return Path(path)
+
+
+def _model_name_or_path(model: nn.Module) -> str | None:
+    """The model's ``from_pretrained`` source (``name_or_path`` / ``config._name_or_path``), or None."""
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(name) if isinstance(name, (str, os.PathLike)) and str(name) else None
+
+
+def infer_task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for a transformers model, from its class name; None when it is not clear.
+
+    Example:
+        >>> import torch
+        >>> infer_task_type(torch.nn.Linear(2, 2)) is None
+        True
+    """
+    cls = type(model).__name__
+    for ending, task in _TASK_BY_CLASS:
+        if cls.endswith(ending):
+            return task
+    config = getattr(model, "config", None)
+    if cls.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"  # T5/BART-style; vision-language *ForConditionalGeneration stays unknown
+    if cls.endswith("Model") and hasattr(model, "base_model_prefix") and config is not None:
+        return "FEATURE_EXTRACTION"  # a bare transformers encoder/decoder (BertModel, LlamaModel)
+    return None
 
 
 def _layer_entries(model: nn.Module, name: str):
@@ -553,6 +773,9 @@ def _peft_payload(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str
             tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = m.contiguous().clone()
     default_r = max(set(ranks.values()), key=list(ranks.values()).count)
     default_alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    if config.init == "loftq":
+        # PEFT's record of a LoftQ adapter; init_lora_weights stays true so PEFT does not re-run LoftQ on load
+        cfg["loftq_config"] = {"loftq_bits": 4, "loftq_iter": int(config.loftq_iter)}
     cfg.update(r=default_r, lora_alpha=default_alpha, use_rslora=bool(native and config.scaling == "rslora"),
                use_dora=method == "dora", lora_dropout=float(config.dropout), init_lora_weights=True,
                rank_pattern={re.escape(p): r for p, r in ranks.items() if r != default_r},

@@ -91,6 +91,17 @@ class Adapter(nn.Module):
         """Raise UnsupportedLayer/ValueError if this method cannot adapt this layer (called before any change)."""
 
     @classmethod
+    def check_loaded_layer(cls, ops: "LayerOps", config: "AdapterConfig", path: str) -> None:
+        """Raise AdapterLoadError if saved tensors of this config cannot be used on this base layer (called by
+        :func:`lorakit.load`, before any change). Default: any base fits."""
+
+    @classmethod
+    def base_requirements(cls, config: "AdapterConfig") -> dict[str, Any] | None:
+        """What the base layers must be for this adapter's tensors to mean what they meant when trained (recorded
+        as ``extra["base"]`` in saved adapters), or None when any base of the right shape fits."""
+        return None
+
+    @classmethod
     def make_shared(cls, config: "AdapterConfig", targets: list[tuple[str, "LayerOps"]], name: str,
                     existing: nn.Module | None = None) -> nn.Module | None:
         """State shared by all layers of one adapter (VeRA's random pair, LoRA-drop's shared pair)."""

@@ -124,6 +124,23 @@ class LoraAdapter(Adapter):
             raise ValueError(f"init='loftq' quantises the base to NF4 and needs nn.Linear layers; {path} is "
                              f"{ops.kind} (exclude it or use another init)")
 
+    @classmethod
+    def check_loaded_layer(cls, ops: "LayerOps", config: "AdapterConfig", path: str) -> None:
+        """A LoftQ adapter is fitted to one NF4 base (its ``deq(Q) + s·BA ≈ W``): on a full-precision base or one
+        quantised with other settings it computes a different function, so loading refuses with the fix."""
+        if config.init == "loftq":
+            from ..quant.loftq import check_loftq_base
+
+            check_loftq_base(ops, path)
+
+    @classmethod
+    def base_requirements(cls, config: "AdapterConfig") -> dict | None:
+        if config.init == "loftq":
+            from ..quant.loftq import LOFTQ_BASE
+
+            return dict(LOFTQ_BASE)
+        return None
+
     # -- init -------------------------------------------------------------------------------------------------
     def init_weights(self, layer: "AdaptedLayer", config: "AdapterConfig", generator: torch.Generator):
         r, n_in, n_out = self.r, self.in_features, self.out_features

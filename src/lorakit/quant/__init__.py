@@ -23,7 +23,7 @@ from .linear4bit import (
     requantize,
     save_quantized,
 )
-from .loftq import loftq_attach, loftq_decompose
+from .loftq import loftq_attach, loftq_decompose, quantize_for_adapter
 from .nf4 import (
     NF4_CODE_VALUES,
     NF4Tensor,
@@ -53,6 +53,7 @@ __all__ = [
     "normal_map",
     "quantize",
     "quantize_blockwise_8bit",
+    "quantize_for_adapter",
     "quantize_nf4",
     "requantize",
     "save_quantized",

@@ -336,6 +336,9 @@ def load_adapted(adapter: str | os.PathLike, model: str | None = None, dtype: st
     if labels:
         base.config.id2label = dict(enumerate(labels))
         base.config.label2id = {v: k for k, v in enumerate(labels)}
+    from ..quant.loftq import quantize_for_adapter
+
+    quantize_for_adapter(base, adapter)  # a LoftQ adapter only means what it was trained to on its NF4 base
     load(base, adapter)
     return base.eval(), tokenizer, info
 
