@@ -279,7 +279,9 @@ def _sync_tie_settings(model: nn.Module, reg: AdapterRegistry, layers: Sequence[
 def _check_tied(path: str, partners: tuple, config: AdapterConfig, adapter: Adapter, init_result: Any,
                 layer: nn.Module) -> None:
     """Refuse an adapter that changes the base weight (PiSSA, LoftQ, Delta-LoRA) on a tied or merged layer."""
-    changes_base = bool(adapter.shifts_base) or config.init == "loftq" or init_result is not None
+    # a base the adapter requires (LoftQ: an NF4 one) is a base it replaced when it was fitted
+    changes_base = (bool(adapter.shifts_base) or init_result is not None
+                    or type(adapter).base_requirements(config) is not None)
     if not changes_base:
         return
     what = f"method={config.method!r}" + (f" with init={config.init!r}" if config.init != "kaiming" else "")
