@@ -153,6 +153,24 @@ def test_several_active_heads_are_refused_not_summed():
     assert before.keys() == net.state_dict().keys()
 
 
+def test_several_active_heads_with_identical_copies_run_that_head():
+    """Copies equal bit for bit (as in a 0.1.0 folder where two adapters shared one head) are one head: no
+    ambiguity, so it runs; once one copy differs, the same call is refused."""
+    base, net, _, _ = two_heads()
+    wrapper = net.get_submodule("head")
+    with torch.no_grad():
+        for pa, pb in zip(wrapper.copies["a"].parameters(), wrapper.copies["b"].parameters()):
+            pb.copy_(pa)
+    lorakit.set_active(net, ["a", "b"])
+    x = torch.randn(5, wrapper.copies["a"].in_features)
+    assert torch.equal(wrapper(x), wrapper.copies["a"](x))
+    out(net)  # the whole model runs with both adapters active
+    with torch.no_grad():
+        next(wrapper.copies["b"].parameters()).view(-1)[0] += 1.0
+    with pytest.raises(ValueError, match=r"\['a', 'b'\].*'head'"):
+        out(net)
+
+
 def test_save_load_keeps_each_adapters_head(tmp_path):
     base, net, snap_a, snap_b = two_heads()
     folder = lorakit.save(net, tmp_path / "both")

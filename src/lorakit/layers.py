@@ -617,9 +617,12 @@ class ModuleCopies(nn.Module):
         return [] if self.disabled else [n for n in self.active if n in self.copies]
 
     def current(self) -> nn.Module:
-        """The module a plain forward runs now; a clear error if several active adapters own a copy."""
+        """The module a plain forward runs now; a clear error if several active adapters own different copies.
+
+        Copies equal bit for bit are one module, so they run (a 0.1.0 folder whose adapters shared one head loads
+        as such copies); the check costs a comparison only in that rare several-owners case."""
         owners = self.owners()
-        if len(owners) > 1:
+        if len(owners) > 1 and not self._identical([self.copies[n] for n in owners]):
             raise ValueError(
                 f"adapters {owners} are active together and each trained its own copy of module "
                 f"{self.path or type(self.original).__name__!r} (modules_to_save); there is no meaningful sum "
@@ -627,6 +630,17 @@ class ModuleCopies(nn.Module):
                 f"each example its adapter with lorakit.route(model, names)"
             )
         return self.copies[owners[0]] if owners else self.original
+
+    @staticmethod
+    def _identical(modules: list[nn.Module]) -> bool:
+        first = modules[0].state_dict()
+        for other in modules[1:]:
+            state = other.state_dict()
+            if state.keys() != first.keys() or not all(
+                    state[k].shape == first[k].shape and state[k].dtype == first[k].dtype
+                    and torch.equal(state[k], first[k]) for k in first):
+                return False
+        return True
 
     def add(self, name: str, module: nn.Module) -> None:
         self.copies[name] = module
