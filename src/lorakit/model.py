@@ -22,63 +22,21 @@ from .layers import AdaptedLayer, ModuleCopies, RouteState, UnsupportedLayer, is
 from .methods import get_method
 from .methods.base import Adapter, layer_generator
 
+from .registry import (  # re-exported: the bookkeeping lives below the methods, users read it from here too
+    REGISTRY_ATTR,
+    AdapterRegistry,
+    adapted_layers,
+    registry,
+    registry_or_none,
+    saved_copy,
+    saved_modules,
+)
+
 #: names of output heads that "all-linear" leaves alone (a model's output embedding is excluded too)
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler_head", "output_head")
-REGISTRY_ATTR = "_lorakit_registry"
 
-
-class AdapterRegistry:
-    """Model-level adapter bookkeeping. Kept in the model's ``__dict__`` (not as a submodule, so containers such
-    as ``nn.Sequential`` keep working); removed by :func:`unload`. Shared state modules are also registered
-    inside every adapter that uses them, so ``.to()``/``parameters()`` see them."""
-
-    def __init__(self) -> None:
-        self.configs: dict[str, AdapterConfig] = {}
-        self.layers: dict[str, list[str]] = {}  # adapter name -> adapted layer paths
-        self.modules_to_save: dict[str, list[str]] = {}  # adapter name -> paths of the modules it trains whole
-        self.active: list[str] = []
-        self.shared: dict[str, nn.Module] = {}  # adapter name -> shared state (VeRA pair, LoRA-drop shared pairs)
-        self.extra: dict[str, dict[str, Any]] = {}  # per-adapter method bookkeeping (reports, schedules)
-        # (object, attribute, old value) changed when merge untied a tied weight (transformers' tie settings)
-        self.tie_settings: list[tuple[Any, str, Any]] = []
-
-    def __repr__(self) -> str:
-        return f"AdapterRegistry(adapters={list(self.configs)}, active={self.active})"
-
-
-def _registry(model: nn.Module) -> AdapterRegistry | None:
-    reg = model.__dict__.get(REGISTRY_ATTR)
-    return reg if isinstance(reg, AdapterRegistry) else None
-
-
-def registry(model: nn.Module) -> AdapterRegistry:
-    """The model's :class:`AdapterRegistry`; raises a clear error if nothing was attached."""
-    reg = _registry(model)
-    if reg is None:
-        raise ValueError("this model has no lorakit adapters; call lorakit.attach(model, config) first")
-    return reg
-
-
-def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
-    """``(path, layer)`` for every adapted layer (path of the original module)."""
-    for path, module in model.named_modules():
-        if isinstance(module, AdaptedLayer):
-            yield path, module
-
-
-def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModuleCopies]]:
-    """``(path, wrapper)`` for every module that adapters train whole (``modules_to_save``), path of the original."""
-    for path, module in model.named_modules():
-        if isinstance(module, ModuleCopies):
-            yield path, module
-
-
-def saved_copy(model: nn.Module, path: str, name: str) -> nn.Module:
-    """Adapter ``name``'s own copy of the module at ``path`` (one of its ``modules_to_save``)."""
-    wrapper = model.get_submodule(path)
-    if not isinstance(wrapper, ModuleCopies) or name not in wrapper.copies:
-        raise ValueError(f"adapter {name!r} has no copy of module {path!r}")
-    return wrapper.copies[name]
+# the former private name, kept until every caller reads registry_or_none
+_registry = registry_or_none
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,7 +284,7 @@ def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = 
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a lorakit.AdapterConfig, got {type(config).__name__}")
     _check_name(name)
-    reg = _registry(model)
+    reg = registry_or_none(model)
     if reg is not None and name in reg.configs:
         raise ValueError(f"adapter name {name!r} is taken on this model (have: {list(reg.configs)}); "
                          "pick another name or lorakit.delete(model, name) first")
@@ -480,13 +438,13 @@ def adapter_names(model: nn.Module) -> list[str]:
         >>> lorakit.adapter_names(torch.nn.Linear(2, 2))
         []
     """
-    reg = _registry(model)
+    reg = registry_or_none(model)
     return list(reg.configs) if reg is not None else []
 
 
 def active_adapters(model: nn.Module) -> list[str]:
     """Names of the active adapters."""
-    reg = _registry(model)
+    reg = registry_or_none(model)
     return list(reg.active) if reg is not None else []
 
 
@@ -667,7 +625,7 @@ def unmerge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     layers = list(adapted_layers(model))
     for _, layer in layers:
         layer.unmerge(names)
-    reg = _registry(model)
+    reg = registry_or_none(model)
     if reg is not None:
         _sync_tie_settings(model, reg, layers)
 
@@ -690,7 +648,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         >>> type(lorakit.unload(net)[0]).__name__
         'Linear'
     """
-    reg = _registry(model)
+    reg = registry_or_none(model)
     wrappers = list(saved_modules(model))
     # which module each wrapper leaves behind, decided (and refused if ambiguous) before anything changes
     keep = {path: (wrapper.current() if merge else wrapper.original) for path, wrapper in wrappers}

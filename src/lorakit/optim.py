@@ -56,6 +56,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .layers import AdaptedLayer
+from .quant.adamw8bit import AdamW8bit
+from .registry import registry_or_none
+
 __all__ = [
     "OPTIMIZERS",
     "PagedOptimizerFallbackWarning",
@@ -94,12 +98,9 @@ def _is_norm(module: nn.Module) -> bool:
 
 def _adapter_owners(model: nn.Module) -> dict[int, tuple[Any, str, Any]]:
     """``id(param) -> (adapter, name inside the adapter, adapter's config or None)`` for every adapter parameter."""
-    from .layers import AdaptedLayer
-    from .model import _registry
-
     configs: dict[str, Any] = {}
     for module in model.modules():  # the registry sits on the model the user attached to (maybe wrapped)
-        reg = _registry(module)
+        reg = registry_or_none(module)
         if reg is not None:
             configs.update(reg.configs)
     owners: dict[int, tuple[Any, str, Any]] = {}
@@ -249,8 +250,6 @@ def _bitsandbytes():
 
 
 def _embedding_weights(model: nn.Module) -> set[int]:
-    from .layers import AdaptedLayer
-
     found = set()
     for module in model.modules():
         if isinstance(module, nn.Embedding) and not isinstance(module, AdaptedLayer):
@@ -316,8 +315,6 @@ def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float =
         return torch.optim.AdamW(groups, **common)
     if key == "sgd":
         return torch.optim.SGD(groups, **common)
-    from .quant.adamw8bit import AdamW8bit
-
     if key == "adamw8bit":
         return AdamW8bit(_fp32_state_for_embeddings(model, groups), **common)
     # paged: bitsandbytes on CUDA, else the same update without paging

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import LayerOps
+from ..registry import adapted_layers
 from .base import kaiming_uniform
 from .lora import LoraAdapter
 
@@ -199,7 +200,6 @@ class LoraFAOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True, delta: float = 1e-8):
-        from ..model import adapted_layers
 
         checks: list[tuple[str, object, Callable[[object], bool], str]] = [
             ("lr", lr, lambda v: v >= 0, "a number >= 0"),

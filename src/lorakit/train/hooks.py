@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..model import _registry
+from ..registry import registry_or_none
 
 __all__ = ["TrainingHooks", "regularization_loss", "training_hooks", "watch_adapter"]
 
@@ -45,7 +45,7 @@ __all__ = ["TrainingHooks", "regularization_loss", "training_hooks", "watch_adap
 # ---------------------------------------------------------------------------------------------------------------
 def _entries(model: nn.Module, name: str) -> list[tuple[str, Any, Any]]:
     """``[(path, AdaptedLayer, Adapter)]`` of adapter ``name``, in the registry's layer order."""
-    reg = _registry(model)
+    reg = registry_or_none(model)
     out = []
     for path in reg.layers.get(name, []):
         try:
@@ -69,7 +69,7 @@ def _trains(entries: list, shared: nn.Module | None) -> bool:
 
 def _training_adapters(model: nn.Module) -> Iterator[tuple[str, type, list, Any]]:
     """``(name, method class, entries, config)`` for every adapter of ``model`` that trains."""
-    reg = _registry(model)
+    reg = registry_or_none(model)
     if reg is None:
         return
     for name, config in list(reg.configs.items()):
@@ -111,7 +111,7 @@ class TrainingHooks:
 
     def finish(self) -> None:
         """Consolidate every trained adapter at the end of training (AdaLoRA: prune to the kept ranks)."""
-        reg = _registry(self.model)
+        reg = registry_or_none(self.model)
         if reg is None:
             return
         names = {name for name, *_ in _training_adapters(self.model)} | self._driven
