@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from .watch import watch_adapter
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import AdapterConfig
     from ..layers import AdaptedLayer, LayerOps
@@ -52,6 +54,8 @@ class Adapter(nn.Module):
     needs_hooks: ClassVar[bool] = False
     #: True if the method may add to the frozen base weight (PiSSA, Delta-LoRA)
     shifts_base: bool = False
+    #: True once the training hooks have nothing left to do (AdaLoRA after its final pruning): no longer watched
+    hooks_done: bool = False
     #: which config init values the method accepts
     allowed_inits: ClassVar[tuple[str, ...]] = ("kaiming",)
     #: False if the method's layer function cannot be folded into the base weight
@@ -72,8 +76,6 @@ class Adapter(nn.Module):
         self.layer_kind = ops.kind
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 and ops.supports_dropout() else nn.Identity()
         if type(self).needs_hooks:  # lets lorakit warn once if optimiser steps run without the training hooks
-            from ..train.hooks import watch_adapter
-
             watch_adapter(self)
 
     # -- configuration ----------------------------------------------------------------------------------------
