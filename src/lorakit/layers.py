@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quant.linear4bit import Linear4bit
+
 if TYPE_CHECKING:  # pragma: no cover
     from .methods.base import Adapter
 
@@ -216,6 +218,39 @@ class Conv2dOps(LayerOps):
         return v.reshape(-1, 1, 1)
 
 
+class Linear4bitOps(LayerOps):
+    """lorakit's 4-bit :class:`~lorakit.quant.linear4bit.Linear4bit`: a read-only ``[out, in]`` matrix dequantised on
+    demand (never kept dense); writing the matrix requantises it."""
+
+    kind = "linear"
+    quantized = True
+
+    @property
+    def weight(self) -> torch.Tensor:  # pragma: no cover - methods use weight_matrix()
+        return self.base.dequantize()
+
+    def weight_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.base.dequantize(dtype or self.base.compute_dtype)
+
+    def set_weight_matrix(self, matrix: torch.Tensor) -> None:
+        self.base.requantize_(matrix)
+
+    def base_forward_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        cd = self.base.compute_dtype
+        return F.linear(x.to(cd), self.base.dequantize(cd))
+
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
+    def adapter_dtype(self) -> torch.dtype:
+        cd = self.base.compute_dtype
+        return torch.float32 if cd in (torch.float16, torch.bfloat16) else cd
+
+    def densify(self) -> nn.Module:
+        """A plain ``nn.Linear`` in the compute dtype with the dequantised weight (exact)."""
+        return self.base.to_linear()
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
@@ -227,14 +262,7 @@ def ops_for(module: nn.Module) -> LayerOps:
         >>> ops_for(nn.Linear(4, 3)).out_features
         3
     """
-    try:  # local import: quant imports this module
-        from .quant.linear4bit import Linear4bit
-    except ImportError:  # pragma: no cover - quant is part of the package
-        Linear4bit = ()
-
-    if Linear4bit and isinstance(module, Linear4bit):
-        from .quant.ops import Linear4bitOps
-
+    if isinstance(module, Linear4bit):
         return Linear4bitOps(module)
     if isinstance(module, nn.Linear):
         return LayerOps(module)
