@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .layers import AdaptedLayer, ModuleCopies, RouteState, UnsupportedLayer, is_adaptable, ops_for
-from .methods import get_method
+from .methods import combine_adapters, get_method
 from .methods.base import Adapter, layer_generator
 
 from .registry import (  # re-exported: the bookkeeping lives below the methods, users read it from here too
@@ -753,7 +753,6 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", how:
         if not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"combine weight for {k!r} must be a finite number, got {w!r}")
     methods = {reg.configs[n].method for n in weights}
-    method = get_method(methods.pop()) if len(methods) == 1 else get_method("lora")
     plan_layers = []
     for path, layer in adapted_layers(model):
         sources = [(layer.adapters[n], float(w)) for n, w in weights.items() if n in layer.adapters]
@@ -767,7 +766,7 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", how:
                              f"min(out, in) = {limit[over[0]]}); use rank <= {min(limit.values())}")
     new_adapters = {}
     for path, layer, sources in plan_layers:
-        new_adapters[path] = method.combine(layer, sources, how, rank)
+        new_adapters[path] = combine_adapters(methods, layer, sources, how, rank)
     first = next(iter(new_adapters.values()))
     ranks = {path: a.r for path, a in new_adapters.items()}
     config = reg.configs[next(iter(weights))].replace(

@@ -13,7 +13,6 @@ methods. The defaults here are plain LoRA-shaped behaviour, so a method override
 """
 from __future__ import annotations
 
-import math
 import zlib
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -198,26 +197,12 @@ class Adapter(nn.Module):
 
     @classmethod
     def combine(cls, layer: "AdaptedLayer", sources: list[tuple["Adapter", float]], how: str,
-                rank: int | None = None) -> "Adapter":
-        """A new adapter for ``layer`` mixing ``sources`` (adapter, weight); see :func:`lorakit.combine`."""
-        from .lora import LoraAdapter
-
-        if how == "svd":
-            delta = sum(w * a.delta_weight(layer) for a, w in sources)
-            k = min(rank or max(a.r for a, _ in sources), *delta.shape)
-            u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
-            return LoraAdapter.from_factors(layer.ops, sources[0][0].path, vh[:k], u[:, :k] * sv[:k], 1.0)
-        factors = [(a.as_lora_factors(), w) for a, w in sources]
-        if how == "cat":
-            a = torch.cat([f[0].float() * (w * f[2]) for f, w in factors], dim=0)
-            b = torch.cat([f[1].float() for f, _ in factors], dim=1)
-            return LoraAdapter.from_factors(layer.ops, sources[0][0].path, a, b, 1.0)
-        ranks = {f[0].shape[0] for f, _ in factors}
-        if len(ranks) != 1:
-            raise ValueError(f"combine(how='linear') needs equal ranks; got {sorted(ranks)} (use 'cat' or 'svd')")
-        a = sum(math.copysign(math.sqrt(abs(w * f[2])), w * f[2]) * f[0].float() for f, w in factors)
-        b = sum(math.sqrt(abs(w * f[2])) * f[1].float() for f, w in factors)
-        return LoraAdapter.from_factors(layer.ops, sources[0][0].path, a, b, 1.0)
+                rank: int | None = None) -> "Adapter | None":
+        """This method's own rule for a new adapter on ``layer`` mixing ``sources`` (adapter, weight), see
+        :func:`lorakit.combine`; or None (the default) to have them mixed by the generic low-rank rule, which LoRA's
+        strategy holds (:func:`lorakit.methods.combine_adapters` picks the rule). A method whose layer function is
+        not linear in its factors (DoRA) overrides this."""
+        return None
 
     # -- bookkeeping --------------------------------------------------------------------------------------------
     def is_trainable(self, param_name: str) -> bool:
