@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Collection, Mapping, Sequence
 
@@ -367,27 +368,37 @@ class AdapterConfig:
 
 
 def _check_regex(name: str, value: str) -> None:
-    import re
-
     try:
         re.compile(value)
     except re.error as err:
         _fail(name, value, f'"all-linear", a list of names or a valid regex ({err})')
 
 
-def _pattern_lookup(pattern: dict[str, Any] | None, path: str, default: Any) -> Any:
-    """First key of ``pattern`` that is a suffix of ``path`` (on a dot boundary) or fully matches it as a regex."""
-    import re
+def name_matches(name: str, path: str) -> bool:
+    """True if ``name`` names the module at ``path``: the path itself, a dotted suffix of it, or a regex matching all
+    of it (an invalid regex matches nothing). The one rule for ``targets``/``exclude`` lists, ``modules_to_save``,
+    ``rank_pattern``/``alpha_pattern`` and quantisation's ``skip`` (PEFT's own key rule is PEFT's, kept apart).
 
+    Example:
+        >>> name_matches("q_proj", "layers.0.attn.q_proj"), name_matches("layers[.]0[.].*", "layers.0.attn.k")
+        (True, True)
+        >>> name_matches("proj", "layers.0.attn.q_proj")
+        False
+    """
+    if path == name or path.endswith("." + name):
+        return True
+    try:
+        return re.fullmatch(name, path) is not None
+    except re.error:
+        return False
+
+
+def _pattern_lookup(pattern: dict[str, Any] | None, path: str, default: Any) -> Any:
+    """Value of the first key of ``pattern`` that names ``path`` (:func:`name_matches`), else ``default``."""
     if not pattern:
         return default
     for key, value in pattern.items():
-        if path == key or path.endswith("." + key):
+        if name_matches(key, path):
             return value
-        try:
-            if re.fullmatch(key, path):
-                return value
-        except re.error:
-            continue
     return default
 

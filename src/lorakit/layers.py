@@ -7,6 +7,7 @@ layer type, and no layer code branches on the method.
 """
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
@@ -251,8 +252,32 @@ class Linear4bitOps(LayerOps):
         return self.base.to_linear()
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 ``Conv1D`` (recognised by shape, so transformers need not be imported).
+
+    Example:
+        >>> is_conv1d(nn.Linear(2, 2))
+        False
+    """
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+_NORM_TYPES: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.BatchNorm1d, nn.BatchNorm2d,
+                                 nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                                 nn.InstanceNorm3d) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+# norms outside torch (transformers' LlamaRMSNorm, T5LayerNorm; timm's LayerNorm2d) are plain modules named *Norm
+_NORM_NAME = re.compile(r"norm(?:[123]d)?$", re.IGNORECASE)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """True for a normalisation layer: the one rule for weight decay (norms never decay) and quantisation (norms
+    stay in fp32).
+
+    Example:
+        >>> is_norm(nn.LayerNorm(4)), is_norm(nn.Linear(4, 4))
+        (True, False)
+    """
+    return isinstance(module, _NORM_TYPES) or _NORM_NAME.search(type(module).__name__) is not None
 
 
 def ops_for(module: nn.Module) -> LayerOps:
@@ -266,7 +291,7 @@ def ops_for(module: nn.Module) -> LayerOps:
         return Linear4bitOps(module)
     if isinstance(module, nn.Linear):
         return LayerOps(module)
-    if _is_conv1d(module):
+    if is_conv1d(module):
         return Conv1DOps(module)
     if isinstance(module, nn.Embedding):
         return EmbeddingOps(module)

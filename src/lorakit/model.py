@@ -12,12 +12,12 @@ import numbers
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
-from .config import AdapterConfig
+from .config import AdapterConfig, name_matches
 from .layers import AdaptedLayer, ModuleCopies, RouteState, UnsupportedLayer, is_adaptable, ops_for
 from .methods import combine_adapters, get_method
 from .methods.base import Adapter, layer_generator
@@ -43,18 +43,13 @@ _registry = registry_or_none
 # targeting
 # ---------------------------------------------------------------------------------------------------------------
 def _matches(spec: Any, path: str) -> bool:
+    """``spec`` in the forms of ``targets``/``exclude``: a regex string matching the whole path, or a list of names
+    (:func:`~lorakit.config.name_matches`)."""
     if spec is None:
         return False
     if isinstance(spec, str):
         return re.fullmatch(spec, path) is not None
-    return any(path == name or path.endswith("." + name) or _full_regex(name, path) for name in spec)
-
-
-def _full_regex(pattern: str, path: str) -> bool:
-    try:
-        return re.fullmatch(pattern, path) is not None
-    except re.error:
-        return False
+    return any(name_matches(name, path) for name in spec)
 
 
 def _ancestors(path: str) -> list[str]:
@@ -259,17 +254,36 @@ def _check_tied(path: str, partners: tuple, config: AdapterConfig, adapter: Adap
 # ---------------------------------------------------------------------------------------------------------------
 # attach: build on the side, then commit
 # ---------------------------------------------------------------------------------------------------------------
+class PlanEntry(NamedTuple):
+    """One layer the new adapter adapts. A named tuple, so loaders may still unpack it positionally."""
+
+    path: str
+    layer: AdaptedLayer  # the existing adapted layer, or a new one not yet in the model
+    is_new: bool  # True: ``layer`` wraps a plain module and replaces it at commit
+    adapter: Adapter
+    init_result: Any  # what init_weights returned: None, a new base weight matrix, or a new base module
+
+
+class SavedCopyPlan(NamedTuple):
+    """One module the new adapter trains whole (``modules_to_save``)."""
+
+    path: str
+    wrapper: ModuleCopies  # the existing wrapper, or a new one not yet in the model
+    is_new: bool  # True: ``wrapper`` replaces the plain module at commit
+    copy: nn.Module  # the new adapter's own copy of the original module
+
+
 @dataclass
-class _Plan:
+class AttachPlan:
+    """Everything :func:`commit_plan` will do to attach one adapter, built on the side by :func:`build_plan`."""
+
     name: str
     config: AdapterConfig
     registry: AdapterRegistry
     new_registry: bool
     shared: nn.Module | None
-    entries: list[tuple[str, AdaptedLayer, bool, Adapter, Any]] = field(default_factory=list)
-    # (path, layer, layer_is_new, adapter, init_result)
-    copies: list[tuple[str, ModuleCopies, bool, nn.Module]] = field(default_factory=list)
-    # (path, wrapper of a modules_to_save module, wrapper_is_new, this adapter's copy)
+    entries: list[PlanEntry] = field(default_factory=list)
+    copies: list[SavedCopyPlan] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
     tied: dict[str, tuple] = field(default_factory=dict)  # layer path -> modules sharing its weight
 
@@ -279,8 +293,15 @@ def _parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), child
 
 
-def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = True) -> _Plan:
-    """Everything ``attach`` will do, computed without touching ``model``."""
+def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = True) -> AttachPlan:
+    """Everything ``attach`` will do, computed without touching ``model``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4))
+        >>> plan = build_plan(net, AdapterConfig(r=2), "default")
+        >>> [(e.path, e.is_new) for e in plan.entries], type(net[0]).__name__
+        ([('0', True)], 'Linear')
+    """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a lorakit.AdapterConfig, got {type(config).__name__}")
     _check_name(name)
@@ -327,7 +348,7 @@ def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = 
     reg = reg if reg is not None else AdapterRegistry()
     shared = method.make_shared(config, [(p, ops) for p, _, ops in resolved], name,
                                 existing=None)
-    plan = _Plan(name=name, config=config, registry=reg, new_registry=new_registry, shared=shared, copies=copies,
+    plan = AttachPlan(name=name, config=config, registry=reg, new_registry=new_registry, shared=shared, copies=copies,
                  modules_to_save=sorted(set(mts)))
     owners = _weight_owners(model)
     for path, module, ops in resolved:
@@ -339,12 +360,12 @@ def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = 
         _check_tied(path, partners, config, adapter, None, module)  # before a costly init (PiSSA's SVD)
         result = adapter.init_weights(layer, config, layer_generator(config, path)) if init else None
         _check_tied(path, partners, config, adapter, result, module)
-        plan.entries.append((path, layer, is_new, adapter, result))
+        plan.entries.append(PlanEntry(path, layer, is_new, adapter, result))
         plan.tied[path] = partners
     return plan
 
 
-def _saved_copy_plan(model: nn.Module, path: str) -> tuple[str, ModuleCopies, bool, nn.Module]:
+def _saved_copy_plan(model: nn.Module, path: str) -> SavedCopyPlan:
     """The wrapper for a module in ``modules_to_save`` (existing or new, not yet in the model) and a fresh copy of
     its original for the new adapter. The original itself is never changed."""
     module = model.get_submodule(path)
@@ -359,11 +380,18 @@ def _saved_copy_plan(model: nn.Module, path: str) -> tuple[str, ModuleCopies, bo
     wrapper = ModuleCopies(module).train(module.training) if is_new else module
     if is_new:
         wrapper.path = path
-    return path, wrapper, is_new, copy.deepcopy(wrapper.original)
+    return SavedCopyPlan(path, wrapper, is_new, copy.deepcopy(wrapper.original))
 
 
-def commit_plan(model: nn.Module, plan: _Plan, make_active: bool = True, trainable: bool = True) -> None:
-    """Apply a plan built by :func:`build_plan` (cannot fail halfway for valid plans)."""
+def commit_plan(model: nn.Module, plan: AttachPlan, make_active: bool = True, trainable: bool = True) -> None:
+    """Apply a plan built by :func:`build_plan` (cannot fail halfway for valid plans).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4))
+        >>> commit_plan(net, build_plan(net, AdapterConfig(r=2), "default"))
+        >>> type(net[0]).__name__
+        'AdaptedLayer'
+    """
     reg = plan.registry
     if plan.new_registry:
         model.__dict__[REGISTRY_ATTR] = reg
@@ -387,18 +415,18 @@ def commit_plan(model: nn.Module, plan: _Plan, make_active: bool = True, trainab
             setattr(parent, child, wrapper)
         wrapper.add(plan.name, own)
     reg.configs[plan.name] = plan.config
-    reg.layers[plan.name] = [p for p, *_ in plan.entries]
+    reg.layers[plan.name] = [entry.path for entry in plan.entries]
     reg.modules_to_save[plan.name] = plan.modules_to_save
     if plan.shared is not None:
         reg.shared[plan.name] = plan.shared
     # the new adapter trains; everything else freezes (except modules_to_save)
-    trainable_params = {id(p) for _, _, _, a, _ in plan.entries for p in a.parameters() if p.requires_grad}
+    trainable_params = {id(p) for entry in plan.entries for p in entry.adapter.parameters() if p.requires_grad}
     if plan.shared is not None:
         trainable_params |= {id(p) for p in plan.shared.parameters() if p.requires_grad}
     for p in model.parameters():
         p.requires_grad_(trainable and id(p) in trainable_params)
-    for _, _, _, own in plan.copies:  # the adapter's own copies train; the originals stay frozen
-        for p in own.parameters():
+    for saved in plan.copies:  # the adapter's own copies train; the originals stay frozen
+        for p in saved.copy.parameters():
             p.requires_grad_(trainable)
     if make_active:
         set_active(model, plan.name)
@@ -613,6 +641,10 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     _sync_tie_settings(model, reg, layers)
 
 
+# unload's ``merge`` flag shadows merge() inside it; this second name reaches the function
+merge_adapters = merge
+
+
 def unmerge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     """Undo :func:`merge` (all merged adapters by default).
 
@@ -653,7 +685,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     # which module each wrapper leaves behind, decided (and refused if ambiguous) before anything changes
     keep = {path: (wrapper.current() if merge else wrapper.original) for path, wrapper in wrappers}
     if reg is not None and merge:
-        globals()["merge"](model)
+        merge_adapters(model)
     for path, layer in list(adapted_layers(model)):
         if not merge:
             layer.unmerge()  # the original weights, not the merged ones (unmerge undoes every merge exactly)

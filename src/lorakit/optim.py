@@ -29,7 +29,8 @@ reproduces PEFT's groups exactly (learning rates and weight decay).
 
 Weight decay: ``weight_decay`` for every tensor except biases and normalisation-layer weights, which get 0 (the
 transformers Trainer's convention; PEFT's LoRA+ does the same for its 1-D group, but recognises only
-``nn.LayerNorm``, so a trainable RMSNorm weight decays there and not here). An adapter's
+``nn.LayerNorm``, so a trainable RMSNorm weight decays there and not here; what a norm is: one rule,
+:func:`lorakit.layers.is_norm`, shared with quantisation). An adapter's
 ``optimizer_options(param_name, config)`` overrides win over all of the above (SoRA's gates: ``weight_decay=0`` and
 their own ``lr``); parameters with equal settings share a group. Every group carries a ``"name"`` (its role, plus
 ``/no_decay`` or the overrides) for logging.
@@ -56,7 +57,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .layers import AdaptedLayer
+from .layers import AdaptedLayer, is_norm
 from .quant.adamw8bit import AdamW8bit
 from .registry import registry_or_none
 
@@ -88,14 +89,6 @@ class PagedOptimizerFallbackWarning(UserWarning):
 # ---------------------------------------------------------------------------------------------------------------
 # which parameter is what
 # ---------------------------------------------------------------------------------------------------------------
-def _is_norm(module: nn.Module) -> bool:
-    norm_types: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
-    if hasattr(nn, "RMSNorm"):
-        norm_types += (nn.RMSNorm,)
-    # transformers' norms (LlamaRMSNorm, T5LayerNorm, ...) are plain modules named *Norm
-    return isinstance(module, norm_types) or type(module).__name__.endswith("Norm")
-
-
 def _adapter_owners(model: nn.Module) -> dict[int, tuple[Any, str, Any]]:
     """``id(param) -> (adapter, name inside the adapter, adapter's config or None)`` for every adapter parameter."""
     configs: dict[str, Any] = {}
@@ -203,7 +196,7 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weig
         else:
             role = "other"
             module, leaf = plain.get(id(p), (None, ""))
-            no_decay = leaf == "bias" or (module is not None and _is_norm(module))
+            no_decay = leaf == "bias" or (module is not None and is_norm(module))
             p_lr = high if vector_rate == "high" and p.dim() == 1 else lr
         group = {"lr": p_lr, "weight_decay": 0.0 if no_decay else float(weight_decay)}
         group.update(overrides)  # the adapter's own settings win (e.g. SoRA gates: no decay, own lr)

@@ -14,7 +14,7 @@ methods. The defaults here are plain LoRA-shaped behaviour, so a method override
 from __future__ import annotations
 
 import zlib
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -41,6 +41,14 @@ def kaiming_uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Genera
     gain = (2.0 / (1 + a * a)) ** 0.5
     bound = gain * (3.0 / fan_in) ** 0.5
     return torch.rand(shape, generator=generator) * (2 * bound) - bound
+
+
+class HookEntry(NamedTuple):
+    """One layer of an adapter, as the training hooks pass it to the per-adapter classmethods (``entries``)."""
+
+    path: str
+    layer: "AdaptedLayer"
+    adapter: "Adapter"
 
 
 class Adapter(nn.Module):
@@ -146,7 +154,8 @@ class Adapter(nn.Module):
     # -- training hooks -----------------------------------------------------------------------------------------
     # Driven by ``lorakit.training_hooks(model)`` (plain loops), the transformers callback and lorakit's Trainer.
     # Per-layer verbs have per-adapter classmethod wrappers, so a method needing a global view (AdaLoRA's budget,
-    # LoRA-drop) overrides the wrapper instead. ``entries`` = [(layer_path, AdaptedLayer, Adapter), ...] of one adapter.
+    # LoRA-drop) overrides the wrapper instead. ``entries``: a list of :class:`HookEntry` (path, layer, adapter) of one
+    # adapter.
     def regularization(self) -> torch.Tensor | None:
         """Extra loss term of this layer's adapter (added by ``lorakit.regularization_loss``), or None."""
         return None

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..methods.base import HookEntry
 from ..methods.watch import WARNED_METHODS, mark_driven, watch_adapter
 from ..registry import registry_or_none
 
@@ -40,8 +41,8 @@ _WARNED = WARNED_METHODS
 # ---------------------------------------------------------------------------------------------------------------
 # which adapters the hooks drive
 # ---------------------------------------------------------------------------------------------------------------
-def _entries(model: nn.Module, name: str) -> list[tuple[str, Any, Any]]:
-    """``[(path, AdaptedLayer, Adapter)]`` of adapter ``name``, in the registry's layer order."""
+def _entries(model: nn.Module, name: str) -> list[HookEntry]:
+    """``[HookEntry(path, layer, adapter)]`` of adapter ``name``, in the registry's layer order."""
     reg = registry_or_none(model)
     out = []
     for path in reg.layers.get(name, []):
@@ -51,7 +52,7 @@ def _entries(model: nn.Module, name: str) -> list[tuple[str, Any, Any]]:
             continue
         adapters = getattr(layer, "adapters", None)
         if adapters is not None and name in adapters:
-            out.append((path, layer, adapters[name]))
+            out.append(HookEntry(path, layer, adapters[name]))
     return out
 
 
