@@ -336,7 +336,7 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
         self._route: "RouteState | None" = None
         self._live: list["Adapter"] = []
-        # (the single live adapter,) if it offers a fused base+branch forward; a tuple so it is not a submodule
+        # (the single live adapter,), whose fused base+branch forward is tried first; a tuple so it is not a submodule
         self._fast: tuple = ()
         # the base weight as it was before the first merged adapter, in its own dtype and layout: unmerge restores
         # it bit-exactly (a buffer, so it follows .to(); not persistent, so it is never saved)
@@ -363,7 +363,7 @@ class AdaptedLayer(nn.Module):
         else:
             self._live = [self.adapters[n] for n in self.active if n in self.adapters and n not in self.merged]
         live = self._live
-        self._fast = (live[0],) if len(live) == 1 and hasattr(live[0], "fused_forward") else ()
+        self._fast = (live[0],) if len(live) == 1 else ()
 
     def add(self, name: str, adapter: "Adapter") -> None:
         adapter.train(self.base.training)  # a new module defaults to train mode; follow the model's mode

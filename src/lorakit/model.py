@@ -35,7 +35,7 @@ from .registry import (  # re-exported: the bookkeeping lives below the methods,
 #: names of output heads that "all-linear" leaves alone (a model's output embedding is excluded too)
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler_head", "output_head")
 
-# the former private name, kept until every caller reads registry_or_none
+# former private names, kept until every caller (io, peft_format, quant, train) uses the public ones
 _registry = registry_or_none
 
 
@@ -152,12 +152,24 @@ def _short_list(names: Sequence[str], limit: int = 40) -> str:
     return text + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _check_name(name: Any) -> None:
-    """Refuse adapter names that break a save key ("<name>|layer|..."), a PEFT subfolder or a module attribute."""
+def check_adapter_name(name: Any) -> None:
+    """Refuse adapter names that break a save key ("<name>|layer|..."), a PEFT subfolder or a module attribute.
+
+    Example:
+        >>> check_adapter_name("q_proj")  # fine
+        >>> try:
+        ...     check_adapter_name("a.b")
+        ... except ValueError as err:
+        ...     print(str(err).split(";")[0])
+        adapter name 'a.b' is invalid
+    """
     if (not isinstance(name, str) or not name or name.strip() != name or not name.isprintable()
             or any(c in name for c in "./\\|") or hasattr(nn.ModuleDict(), name)):
         raise ValueError(f"adapter name {name!r} is invalid; use a non-empty printable string without '.', '/', "
                          f"'\\', '|' or surrounding spaces, and not an nn.Module attribute name (e.g. 'keys')")
+
+
+_check_name = check_adapter_name  # former private name (io still imports it)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,7 +316,7 @@ def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = 
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a lorakit.AdapterConfig, got {type(config).__name__}")
-    _check_name(name)
+    check_adapter_name(name)
     reg = registry_or_none(model)
     if reg is not None and name in reg.configs:
         raise ValueError(f"adapter name {name!r} is taken on this model (have: {list(reg.configs)}); "
@@ -773,7 +785,7 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", how:
     if not weights:
         raise ValueError("combine() needs at least one adapter in weights")
     reg = _check_known(model, list(weights))
-    _check_name(name)
+    check_adapter_name(name)
     if name in reg.configs:
         raise ValueError(f"adapter name {name!r} is taken on this model; pick another name")
     heads = {n: reg.modules_to_save[n] for n in weights if reg.modules_to_save.get(n)}

@@ -125,6 +125,11 @@ class Adapter(nn.Module):
         """Return ``y`` plus this adapter's contribution for input ``x``."""
         raise NotImplementedError
 
+    def fused_forward(self, layer: "AdaptedLayer", x: torch.Tensor) -> torch.Tensor | None:
+        """Base layer plus this adapter in one step when it is the layer's only live adapter, or None (the default)
+        when no fused path applies right now; the layer then runs ``base(x)`` and :meth:`apply`."""
+        return None
+
     def delta_weight(self, layer: "AdaptedLayer") -> torch.Tensor:
         """The dense ``[out, in]`` change (fp32) that :meth:`apply` adds."""
         raise NotImplementedError
