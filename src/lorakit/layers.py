@@ -33,6 +33,9 @@ class LayerOps:
     kind = "linear"
     out_dim = -1  # dimension of the output that indexes output units
     quantized = False
+    #: True if ``down``/``up`` are plain ``F.linear`` on the last dimension and per-output vectors broadcast as they
+    #: are (Linear, Conv1D, 4-bit Linear): kernels written for that layout (VeRA's, LoRA-FA's) may be used
+    matmul_on_last_dim = True
 
     def __init__(self, base: nn.Module):
         self.base = base
@@ -138,6 +141,7 @@ class EmbeddingOps(LayerOps):
     """``nn.Embedding`` seen as a linear map from one-hot vectors: in = num_embeddings, out = embedding_dim."""
 
     kind = "embedding"
+    matmul_on_last_dim = False
 
     @property
     def in_features(self) -> int:
@@ -175,6 +179,7 @@ class Conv2dOps(LayerOps):
 
     kind = "conv2d"
     out_dim = 1
+    matmul_on_last_dim = False
 
     @property
     def in_features(self) -> int:

@@ -151,7 +151,7 @@ class LoraFAAdapter(LoraAdapter):
     def apply(self, layer: "AdaptedLayer", x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
         if (p == 0.0 or not self.training or not torch.is_grad_enabled() or self.A.requires_grad
-                or not x.is_floating_point() or not _linear_like(layer.ops)):
+                or not x.is_floating_point() or not layer.ops.matmul_on_last_dim):
             return super().apply(layer, x, y)  # A frozen: autograd keeps z, not x (see module docstring)
         xa = x.to(self.A.dtype) if x.dtype != self.A.dtype else x
         seed = int(torch.randint(0, 2**62, (1,)).item())  # from the global RNG, so torch.manual_seed reproduces it
@@ -162,11 +162,6 @@ class LoraFAAdapter(LoraAdapter):
 
     def extra_repr(self) -> str:
         return f"method=lora_fa, r={self.r}, scaling={self.scaling:g}, A frozen (seed {int(self.A_seed)})"
-
-
-def _linear_like(ops: LayerOps) -> bool:
-    cls = type(ops)
-    return cls.down is LayerOps.down and cls.up is LayerOps.up
 
 
 # ---------------------------------------------------------------------------------------------------------------
