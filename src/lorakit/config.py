@@ -4,6 +4,9 @@ Common fields apply to every method; method-specific fields are ignored by metho
 field's type is checked for every method (a bool is never a number, a string never a number), and the range of a
 method-specific field by the method that uses it (``methods/<name>.py``), so a bad value fails at construction
 time, before any model is touched.
+
+This module imports nothing of lorakit: the method registry (:mod:`lorakit.methods`, imported by ``import lorakit``)
+plugs itself in with :func:`use_method_registry`, and validation asks it which methods exist and what they check.
 """
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 SCALINGS = ("standard", "rslora")
 INITS = ("kaiming", "gaussian", "init_b", "pissa", "pissa_fast", "orthogonal", "loftq")
@@ -153,6 +157,36 @@ _TYPES: dict[str, tuple[Any, str]] = {
 }
 
 
+@dataclass(frozen=True)
+class MethodRegistryHook:
+    """How validation reaches the method registry without importing it: ``names()`` lists the registered methods,
+    ``lookup(name)`` gives a method's strategy class (its ``default_r`` and ``validate_config``; ImportError if its
+    file fails to import)."""
+
+    names: Callable[[], Collection[str]]
+    lookup: Callable[[str], Any]
+
+
+_method_registry: list[MethodRegistryHook] = []  # set once, by lorakit.methods at import
+
+
+def use_method_registry(names: Callable[[], Collection[str]], lookup: Callable[[str], Any]) -> None:
+    """Plug the method registry into config validation (called by :mod:`lorakit.methods` when it is imported).
+
+    Example:
+        >>> import lorakit.methods  # registers itself; calling this again replaces the hook
+        >>> AdapterConfig(method="lora").r
+        8
+    """
+    _method_registry[:] = [MethodRegistryHook(names, lookup)]
+
+
+def _methods() -> MethodRegistryHook:
+    if not _method_registry:
+        raise RuntimeError("lorakit's method registry is not loaded; import lorakit (or lorakit.methods) first")
+    return _method_registry[0]
+
+
 @dataclass
 class AdapterConfig:
     """Configuration of one adapter.
@@ -213,12 +247,12 @@ class AdapterConfig:
     # -- validation -----------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Check every field; raise ValueError naming the field, the bad value and the allowed ones."""
-        from .methods import METHODS, get_method
-
-        if not isinstance(self.method, str) or self.method not in METHODS:
-            _fail("method", self.method, ", ".join(sorted(METHODS)))
+        methods = _methods()
+        known = methods.names()
+        if not isinstance(self.method, str) or self.method not in known:
+            _fail("method", self.method, ", ".join(sorted(known)))
         try:
-            method_cls = get_method(self.method)
+            method_cls = methods.lookup(self.method)
         except ImportError as exc:  # registered but its file failed to import
             raise ValueError(f"AdapterConfig.method={self.method!r} is not available here: {exc}") from exc
         if self.r is None:
@@ -270,7 +304,7 @@ class AdapterConfig:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, [list(v) if isinstance(v, tuple) else v for v in value])
-        get_method(self.method).validate_config(self)
+        method_cls.validate_config(self)
 
     # -- derived values -------------------------------------------------------------------------------------
     def rank_for(self, path: str) -> int:
@@ -334,27 +368,37 @@ class AdapterConfig:
 
 
 def _check_regex(name: str, value: str) -> None:
-    import re
-
     try:
         re.compile(value)
     except re.error as err:
         _fail(name, value, f'"all-linear", a list of names or a valid regex ({err})')
 
 
-def _pattern_lookup(pattern: dict[str, Any] | None, path: str, default: Any) -> Any:
-    """First key of ``pattern`` that is a suffix of ``path`` (on a dot boundary) or fully matches it as a regex."""
-    import re
+def name_matches(name: str, path: str) -> bool:
+    """True if ``name`` names the module at ``path``: the path itself, a dotted suffix of it, or a regex matching all
+    of it (an invalid regex matches nothing). The one rule for ``targets``/``exclude`` lists, ``modules_to_save``,
+    ``rank_pattern``/``alpha_pattern`` and quantisation's ``skip`` (PEFT's own key rule is PEFT's, kept apart).
 
+    Example:
+        >>> name_matches("q_proj", "layers.0.attn.q_proj"), name_matches("layers[.]0[.].*", "layers.0.attn.k")
+        (True, True)
+        >>> name_matches("proj", "layers.0.attn.q_proj")
+        False
+    """
+    if path == name or path.endswith("." + name):
+        return True
+    try:
+        return re.fullmatch(name, path) is not None
+    except re.error:
+        return False
+
+
+def _pattern_lookup(pattern: dict[str, Any] | None, path: str, default: Any) -> Any:
+    """Value of the first key of ``pattern`` that names ``path`` (:func:`name_matches`), else ``default``."""
     if not pattern:
         return default
     for key, value in pattern.items():
-        if path == key or path.endswith("." + key):
+        if name_matches(key, path):
             return value
-        try:
-            if re.fullmatch(key, path):
-                return value
-        except re.error:
-            continue
     return default
 

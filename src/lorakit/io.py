@@ -679,9 +679,7 @@ def _load_one(model: nn.Module, entry: dict[str, Any], tensors: dict[str, torch.
         plan.shared.load_state_dict({t: mine[SEP.join(("shared", "", t))] for t in plan.shared.state_dict()})
     for mpath, _, _, own in plan.copies:
         own.load_state_dict({t: mine[SEP.join(("module", mpath, t))] for t in own.state_dict()})
-    plan.entries = [
-        (path, layer, is_new, adapter, _shifted_base(layer, adapter)) for path, layer, is_new, adapter, _ in plan.entries
-    ]
+    plan.entries = [entry._replace(init_result=_shifted_base(entry.layer, entry.adapter)) for entry in plan.entries]
     if snapshot is not None:  # base weights a shift will change, kept exactly for a rollback
         snapshot["weights"].extend((layer, layer.ops.weight_matrix().clone())
                                    for _, layer, _, _, shifted in plan.entries if shifted is not None)

@@ -7,11 +7,14 @@ layer type, and no layer code branches on the method.
 """
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .quant.linear4bit import Linear4bit
 
 if TYPE_CHECKING:  # pragma: no cover
     from .methods.base import Adapter
@@ -30,6 +33,9 @@ class LayerOps:
     kind = "linear"
     out_dim = -1  # dimension of the output that indexes output units
     quantized = False
+    #: True if ``down``/``up`` are plain ``F.linear`` on the last dimension and per-output vectors broadcast as they
+    #: are (Linear, Conv1D, 4-bit Linear): kernels written for that layout (VeRA's, LoRA-FA's) may be used
+    matmul_on_last_dim = True
 
     def __init__(self, base: nn.Module):
         self.base = base
@@ -135,6 +141,7 @@ class EmbeddingOps(LayerOps):
     """``nn.Embedding`` seen as a linear map from one-hot vectors: in = num_embeddings, out = embedding_dim."""
 
     kind = "embedding"
+    matmul_on_last_dim = False
 
     @property
     def in_features(self) -> int:
@@ -172,6 +179,7 @@ class Conv2dOps(LayerOps):
 
     kind = "conv2d"
     out_dim = 1
+    matmul_on_last_dim = False
 
     @property
     def in_features(self) -> int:
@@ -216,8 +224,65 @@ class Conv2dOps(LayerOps):
         return v.reshape(-1, 1, 1)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+class Linear4bitOps(LayerOps):
+    """lorakit's 4-bit :class:`~lorakit.quant.linear4bit.Linear4bit`: a read-only ``[out, in]`` matrix dequantised on
+    demand (never kept dense); writing the matrix requantises it."""
+
+    kind = "linear"
+    quantized = True
+
+    @property
+    def weight(self) -> torch.Tensor:  # pragma: no cover - methods use weight_matrix()
+        return self.base.dequantize()
+
+    def weight_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.base.dequantize(dtype or self.base.compute_dtype)
+
+    def set_weight_matrix(self, matrix: torch.Tensor) -> None:
+        self.base.requantize_(matrix)
+
+    def base_forward_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        cd = self.base.compute_dtype
+        return F.linear(x.to(cd), self.base.dequantize(cd))
+
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
+    def adapter_dtype(self) -> torch.dtype:
+        cd = self.base.compute_dtype
+        return torch.float32 if cd in (torch.float16, torch.bfloat16) else cd
+
+    def densify(self) -> nn.Module:
+        """A plain ``nn.Linear`` in the compute dtype with the dequantised weight (exact)."""
+        return self.base.to_linear()
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 ``Conv1D`` (recognised by shape, so transformers need not be imported).
+
+    Example:
+        >>> is_conv1d(nn.Linear(2, 2))
+        False
+    """
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+_NORM_TYPES: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.BatchNorm1d, nn.BatchNorm2d,
+                                 nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                                 nn.InstanceNorm3d) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+# norms outside torch (transformers' LlamaRMSNorm, T5LayerNorm; timm's LayerNorm2d) are plain modules named *Norm
+_NORM_NAME = re.compile(r"norm(?:[123]d)?$", re.IGNORECASE)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """True for a normalisation layer: the one rule for weight decay (norms never decay) and quantisation (norms
+    stay in fp32).
+
+    Example:
+        >>> is_norm(nn.LayerNorm(4)), is_norm(nn.Linear(4, 4))
+        (True, False)
+    """
+    return isinstance(module, _NORM_TYPES) or _NORM_NAME.search(type(module).__name__) is not None
 
 
 def ops_for(module: nn.Module) -> LayerOps:
@@ -227,18 +292,11 @@ def ops_for(module: nn.Module) -> LayerOps:
         >>> ops_for(nn.Linear(4, 3)).out_features
         3
     """
-    try:  # local import: quant imports this module
-        from .quant.linear4bit import Linear4bit
-    except ImportError:  # pragma: no cover - quant is part of the package
-        Linear4bit = ()
-
-    if Linear4bit and isinstance(module, Linear4bit):
-        from .quant.ops import Linear4bitOps
-
+    if isinstance(module, Linear4bit):
         return Linear4bitOps(module)
     if isinstance(module, nn.Linear):
         return LayerOps(module)
-    if _is_conv1d(module):
+    if is_conv1d(module):
         return Conv1DOps(module)
     if isinstance(module, nn.Embedding):
         return EmbeddingOps(module)
@@ -283,7 +341,7 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
         self._route: "RouteState | None" = None
         self._live: list["Adapter"] = []
-        # (the single live adapter,) if it offers a fused base+branch forward; a tuple so it is not a submodule
+        # (the single live adapter,), whose fused base+branch forward is tried first; a tuple so it is not a submodule
         self._fast: tuple = ()
         # the base weight as it was before the first merged adapter, in its own dtype and layout: unmerge restores
         # it bit-exactly (a buffer, so it follows .to(); not persistent, so it is never saved)
@@ -310,7 +368,7 @@ class AdaptedLayer(nn.Module):
         else:
             self._live = [self.adapters[n] for n in self.active if n in self.adapters and n not in self.merged]
         live = self._live
-        self._fast = (live[0],) if len(live) == 1 and hasattr(live[0], "fused_forward") else ()
+        self._fast = (live[0],) if len(live) == 1 else ()
 
     def add(self, name: str, adapter: "Adapter") -> None:
         adapter.train(self.base.training)  # a new module defaults to train mode; follow the model's mode

@@ -12,91 +12,44 @@ import numbers
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
-from .config import AdapterConfig
+from .config import AdapterConfig, name_matches
 from .layers import AdaptedLayer, ModuleCopies, RouteState, UnsupportedLayer, is_adaptable, ops_for
-from .methods import get_method
+from .methods import combine_adapters, get_method
 from .methods.base import Adapter, layer_generator
+
+from .registry import (  # re-exported: the bookkeeping lives below the methods, users read it from here too
+    REGISTRY_ATTR,
+    AdapterRegistry,
+    adapted_layers,
+    registry,
+    registry_or_none,
+    saved_copy,
+    saved_modules,
+)
 
 #: names of output heads that "all-linear" leaves alone (a model's output embedding is excluded too)
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler_head", "output_head")
-REGISTRY_ATTR = "_lorakit_registry"
 
-
-class AdapterRegistry:
-    """Model-level adapter bookkeeping. Kept in the model's ``__dict__`` (not as a submodule, so containers such
-    as ``nn.Sequential`` keep working); removed by :func:`unload`. Shared state modules are also registered
-    inside every adapter that uses them, so ``.to()``/``parameters()`` see them."""
-
-    def __init__(self) -> None:
-        self.configs: dict[str, AdapterConfig] = {}
-        self.layers: dict[str, list[str]] = {}  # adapter name -> adapted layer paths
-        self.modules_to_save: dict[str, list[str]] = {}  # adapter name -> paths of the modules it trains whole
-        self.active: list[str] = []
-        self.shared: dict[str, nn.Module] = {}  # adapter name -> shared state (VeRA pair, LoRA-drop shared pairs)
-        self.extra: dict[str, dict[str, Any]] = {}  # per-adapter method bookkeeping (reports, schedules)
-        # (object, attribute, old value) changed when merge untied a tied weight (transformers' tie settings)
-        self.tie_settings: list[tuple[Any, str, Any]] = []
-
-    def __repr__(self) -> str:
-        return f"AdapterRegistry(adapters={list(self.configs)}, active={self.active})"
-
-
-def _registry(model: nn.Module) -> AdapterRegistry | None:
-    reg = model.__dict__.get(REGISTRY_ATTR)
-    return reg if isinstance(reg, AdapterRegistry) else None
-
-
-def registry(model: nn.Module) -> AdapterRegistry:
-    """The model's :class:`AdapterRegistry`; raises a clear error if nothing was attached."""
-    reg = _registry(model)
-    if reg is None:
-        raise ValueError("this model has no lorakit adapters; call lorakit.attach(model, config) first")
-    return reg
-
-
-def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
-    """``(path, layer)`` for every adapted layer (path of the original module)."""
-    for path, module in model.named_modules():
-        if isinstance(module, AdaptedLayer):
-            yield path, module
-
-
-def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModuleCopies]]:
-    """``(path, wrapper)`` for every module that adapters train whole (``modules_to_save``), path of the original."""
-    for path, module in model.named_modules():
-        if isinstance(module, ModuleCopies):
-            yield path, module
-
-
-def saved_copy(model: nn.Module, path: str, name: str) -> nn.Module:
-    """Adapter ``name``'s own copy of the module at ``path`` (one of its ``modules_to_save``)."""
-    wrapper = model.get_submodule(path)
-    if not isinstance(wrapper, ModuleCopies) or name not in wrapper.copies:
-        raise ValueError(f"adapter {name!r} has no copy of module {path!r}")
-    return wrapper.copies[name]
+# former private names, kept until every caller (io, peft_format, quant, train) uses the public ones
+_registry = registry_or_none
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # targeting
 # ---------------------------------------------------------------------------------------------------------------
 def _matches(spec: Any, path: str) -> bool:
+    """``spec`` in the forms of ``targets``/``exclude``: a regex string matching the whole path, or a list of names
+    (:func:`~lorakit.config.name_matches`)."""
     if spec is None:
         return False
     if isinstance(spec, str):
         return re.fullmatch(spec, path) is not None
-    return any(path == name or path.endswith("." + name) or _full_regex(name, path) for name in spec)
-
-
-def _full_regex(pattern: str, path: str) -> bool:
-    try:
-        return re.fullmatch(pattern, path) is not None
-    except re.error:
-        return False
+    return any(name_matches(name, path) for name in spec)
 
 
 def _ancestors(path: str) -> list[str]:
@@ -199,12 +152,24 @@ def _short_list(names: Sequence[str], limit: int = 40) -> str:
     return text + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _check_name(name: Any) -> None:
-    """Refuse adapter names that break a save key ("<name>|layer|..."), a PEFT subfolder or a module attribute."""
+def check_adapter_name(name: Any) -> None:
+    """Refuse adapter names that break a save key ("<name>|layer|..."), a PEFT subfolder or a module attribute.
+
+    Example:
+        >>> check_adapter_name("q_proj")  # fine
+        >>> try:
+        ...     check_adapter_name("a.b")
+        ... except ValueError as err:
+        ...     print(str(err).split(";")[0])
+        adapter name 'a.b' is invalid
+    """
     if (not isinstance(name, str) or not name or name.strip() != name or not name.isprintable()
             or any(c in name for c in "./\\|") or hasattr(nn.ModuleDict(), name)):
         raise ValueError(f"adapter name {name!r} is invalid; use a non-empty printable string without '.', '/', "
                          f"'\\', '|' or surrounding spaces, and not an nn.Module attribute name (e.g. 'keys')")
+
+
+_check_name = check_adapter_name  # former private name (io still imports it)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,17 +266,36 @@ def _check_tied(path: str, partners: tuple, config: AdapterConfig, adapter: Adap
 # ---------------------------------------------------------------------------------------------------------------
 # attach: build on the side, then commit
 # ---------------------------------------------------------------------------------------------------------------
+class PlanEntry(NamedTuple):
+    """One layer the new adapter adapts. A named tuple, so loaders may still unpack it positionally."""
+
+    path: str
+    layer: AdaptedLayer  # the existing adapted layer, or a new one not yet in the model
+    is_new: bool  # True: ``layer`` wraps a plain module and replaces it at commit
+    adapter: Adapter
+    init_result: Any  # what init_weights returned: None, a new base weight matrix, or a new base module
+
+
+class SavedCopyPlan(NamedTuple):
+    """One module the new adapter trains whole (``modules_to_save``)."""
+
+    path: str
+    wrapper: ModuleCopies  # the existing wrapper, or a new one not yet in the model
+    is_new: bool  # True: ``wrapper`` replaces the plain module at commit
+    copy: nn.Module  # the new adapter's own copy of the original module
+
+
 @dataclass
-class _Plan:
+class AttachPlan:
+    """Everything :func:`commit_plan` will do to attach one adapter, built on the side by :func:`build_plan`."""
+
     name: str
     config: AdapterConfig
     registry: AdapterRegistry
     new_registry: bool
     shared: nn.Module | None
-    entries: list[tuple[str, AdaptedLayer, bool, Adapter, Any]] = field(default_factory=list)
-    # (path, layer, layer_is_new, adapter, init_result)
-    copies: list[tuple[str, ModuleCopies, bool, nn.Module]] = field(default_factory=list)
-    # (path, wrapper of a modules_to_save module, wrapper_is_new, this adapter's copy)
+    entries: list[PlanEntry] = field(default_factory=list)
+    copies: list[SavedCopyPlan] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
     tied: dict[str, tuple] = field(default_factory=dict)  # layer path -> modules sharing its weight
 
@@ -321,12 +305,19 @@ def _parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), child
 
 
-def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = True) -> _Plan:
-    """Everything ``attach`` will do, computed without touching ``model``."""
+def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = True) -> AttachPlan:
+    """Everything ``attach`` will do, computed without touching ``model``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4))
+        >>> plan = build_plan(net, AdapterConfig(r=2), "default")
+        >>> [(e.path, e.is_new) for e in plan.entries], type(net[0]).__name__
+        ([('0', True)], 'Linear')
+    """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a lorakit.AdapterConfig, got {type(config).__name__}")
-    _check_name(name)
-    reg = _registry(model)
+    check_adapter_name(name)
+    reg = registry_or_none(model)
     if reg is not None and name in reg.configs:
         raise ValueError(f"adapter name {name!r} is taken on this model (have: {list(reg.configs)}); "
                          "pick another name or lorakit.delete(model, name) first")
@@ -369,7 +360,7 @@ def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = 
     reg = reg if reg is not None else AdapterRegistry()
     shared = method.make_shared(config, [(p, ops) for p, _, ops in resolved], name,
                                 existing=None)
-    plan = _Plan(name=name, config=config, registry=reg, new_registry=new_registry, shared=shared, copies=copies,
+    plan = AttachPlan(name=name, config=config, registry=reg, new_registry=new_registry, shared=shared, copies=copies,
                  modules_to_save=sorted(set(mts)))
     owners = _weight_owners(model)
     for path, module, ops in resolved:
@@ -381,12 +372,12 @@ def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = 
         _check_tied(path, partners, config, adapter, None, module)  # before a costly init (PiSSA's SVD)
         result = adapter.init_weights(layer, config, layer_generator(config, path)) if init else None
         _check_tied(path, partners, config, adapter, result, module)
-        plan.entries.append((path, layer, is_new, adapter, result))
+        plan.entries.append(PlanEntry(path, layer, is_new, adapter, result))
         plan.tied[path] = partners
     return plan
 
 
-def _saved_copy_plan(model: nn.Module, path: str) -> tuple[str, ModuleCopies, bool, nn.Module]:
+def _saved_copy_plan(model: nn.Module, path: str) -> SavedCopyPlan:
     """The wrapper for a module in ``modules_to_save`` (existing or new, not yet in the model) and a fresh copy of
     its original for the new adapter. The original itself is never changed."""
     module = model.get_submodule(path)
@@ -401,11 +392,18 @@ def _saved_copy_plan(model: nn.Module, path: str) -> tuple[str, ModuleCopies, bo
     wrapper = ModuleCopies(module).train(module.training) if is_new else module
     if is_new:
         wrapper.path = path
-    return path, wrapper, is_new, copy.deepcopy(wrapper.original)
+    return SavedCopyPlan(path, wrapper, is_new, copy.deepcopy(wrapper.original))
 
 
-def commit_plan(model: nn.Module, plan: _Plan, make_active: bool = True, trainable: bool = True) -> None:
-    """Apply a plan built by :func:`build_plan` (cannot fail halfway for valid plans)."""
+def commit_plan(model: nn.Module, plan: AttachPlan, make_active: bool = True, trainable: bool = True) -> None:
+    """Apply a plan built by :func:`build_plan` (cannot fail halfway for valid plans).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4))
+        >>> commit_plan(net, build_plan(net, AdapterConfig(r=2), "default"))
+        >>> type(net[0]).__name__
+        'AdaptedLayer'
+    """
     reg = plan.registry
     if plan.new_registry:
         model.__dict__[REGISTRY_ATTR] = reg
@@ -429,18 +427,18 @@ def commit_plan(model: nn.Module, plan: _Plan, make_active: bool = True, trainab
             setattr(parent, child, wrapper)
         wrapper.add(plan.name, own)
     reg.configs[plan.name] = plan.config
-    reg.layers[plan.name] = [p for p, *_ in plan.entries]
+    reg.layers[plan.name] = [entry.path for entry in plan.entries]
     reg.modules_to_save[plan.name] = plan.modules_to_save
     if plan.shared is not None:
         reg.shared[plan.name] = plan.shared
     # the new adapter trains; everything else freezes (except modules_to_save)
-    trainable_params = {id(p) for _, _, _, a, _ in plan.entries for p in a.parameters() if p.requires_grad}
+    trainable_params = {id(p) for entry in plan.entries for p in entry.adapter.parameters() if p.requires_grad}
     if plan.shared is not None:
         trainable_params |= {id(p) for p in plan.shared.parameters() if p.requires_grad}
     for p in model.parameters():
         p.requires_grad_(trainable and id(p) in trainable_params)
-    for _, _, _, own in plan.copies:  # the adapter's own copies train; the originals stay frozen
-        for p in own.parameters():
+    for saved in plan.copies:  # the adapter's own copies train; the originals stay frozen
+        for p in saved.copy.parameters():
             p.requires_grad_(trainable)
     if make_active:
         set_active(model, plan.name)
@@ -480,13 +478,13 @@ def adapter_names(model: nn.Module) -> list[str]:
         >>> lorakit.adapter_names(torch.nn.Linear(2, 2))
         []
     """
-    reg = _registry(model)
+    reg = registry_or_none(model)
     return list(reg.configs) if reg is not None else []
 
 
 def active_adapters(model: nn.Module) -> list[str]:
     """Names of the active adapters."""
-    reg = _registry(model)
+    reg = registry_or_none(model)
     return list(reg.active) if reg is not None else []
 
 
@@ -655,6 +653,10 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     _sync_tie_settings(model, reg, layers)
 
 
+# unload's ``merge`` flag shadows merge() inside it; this second name reaches the function
+merge_adapters = merge
+
+
 def unmerge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     """Undo :func:`merge` (all merged adapters by default).
 
@@ -667,7 +669,7 @@ def unmerge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     layers = list(adapted_layers(model))
     for _, layer in layers:
         layer.unmerge(names)
-    reg = _registry(model)
+    reg = registry_or_none(model)
     if reg is not None:
         _sync_tie_settings(model, reg, layers)
 
@@ -690,12 +692,12 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         >>> type(lorakit.unload(net)[0]).__name__
         'Linear'
     """
-    reg = _registry(model)
+    reg = registry_or_none(model)
     wrappers = list(saved_modules(model))
     # which module each wrapper leaves behind, decided (and refused if ambiguous) before anything changes
     keep = {path: (wrapper.current() if merge else wrapper.original) for path, wrapper in wrappers}
     if reg is not None and merge:
-        globals()["merge"](model)
+        merge_adapters(model)
     for path, layer in list(adapted_layers(model)):
         if not merge:
             layer.unmerge()  # the original weights, not the merged ones (unmerge undoes every merge exactly)
@@ -783,7 +785,7 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", how:
     if not weights:
         raise ValueError("combine() needs at least one adapter in weights")
     reg = _check_known(model, list(weights))
-    _check_name(name)
+    check_adapter_name(name)
     if name in reg.configs:
         raise ValueError(f"adapter name {name!r} is taken on this model; pick another name")
     heads = {n: reg.modules_to_save[n] for n in weights if reg.modules_to_save.get(n)}
@@ -795,7 +797,6 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", how:
         if not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"combine weight for {k!r} must be a finite number, got {w!r}")
     methods = {reg.configs[n].method for n in weights}
-    method = get_method(methods.pop()) if len(methods) == 1 else get_method("lora")
     plan_layers = []
     for path, layer in adapted_layers(model):
         sources = [(layer.adapters[n], float(w)) for n, w in weights.items() if n in layer.adapters]
@@ -809,7 +810,7 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", how:
                              f"min(out, in) = {limit[over[0]]}); use rank <= {min(limit.values())}")
     new_adapters = {}
     for path, layer, sources in plan_layers:
-        new_adapters[path] = method.combine(layer, sources, how, rank)
+        new_adapters[path] = combine_adapters(methods, layer, sources, how, rank)
     first = next(iter(new_adapters.values()))
     ranks = {path: a.r for path, a in new_adapters.items()}
     config = reg.configs[next(iter(weights))].replace(

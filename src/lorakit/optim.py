@@ -29,7 +29,8 @@ reproduces PEFT's groups exactly (learning rates and weight decay).
 
 Weight decay: ``weight_decay`` for every tensor except biases and normalisation-layer weights, which get 0 (the
 transformers Trainer's convention; PEFT's LoRA+ does the same for its 1-D group, but recognises only
-``nn.LayerNorm``, so a trainable RMSNorm weight decays there and not here). An adapter's
+``nn.LayerNorm``, so a trainable RMSNorm weight decays there and not here; what a norm is: one rule,
+:func:`lorakit.layers.is_norm`, shared with quantisation). An adapter's
 ``optimizer_options(param_name, config)`` overrides win over all of the above (SoRA's gates: ``weight_decay=0`` and
 their own ``lr``); parameters with equal settings share a group. Every group carries a ``"name"`` (its role, plus
 ``/no_decay`` or the overrides) for logging.
@@ -55,6 +56,10 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+from .layers import AdaptedLayer, is_norm
+from .quant.adamw8bit import AdamW8bit
+from .registry import registry_or_none
 
 __all__ = [
     "OPTIMIZERS",
@@ -84,22 +89,11 @@ class PagedOptimizerFallbackWarning(UserWarning):
 # ---------------------------------------------------------------------------------------------------------------
 # which parameter is what
 # ---------------------------------------------------------------------------------------------------------------
-def _is_norm(module: nn.Module) -> bool:
-    norm_types: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
-    if hasattr(nn, "RMSNorm"):
-        norm_types += (nn.RMSNorm,)
-    # transformers' norms (LlamaRMSNorm, T5LayerNorm, ...) are plain modules named *Norm
-    return isinstance(module, norm_types) or type(module).__name__.endswith("Norm")
-
-
 def _adapter_owners(model: nn.Module) -> dict[int, tuple[Any, str, Any]]:
     """``id(param) -> (adapter, name inside the adapter, adapter's config or None)`` for every adapter parameter."""
-    from .layers import AdaptedLayer
-    from .model import _registry
-
     configs: dict[str, Any] = {}
     for module in model.modules():  # the registry sits on the model the user attached to (maybe wrapped)
-        reg = _registry(module)
+        reg = registry_or_none(module)
         if reg is not None:
             configs.update(reg.configs)
     owners: dict[int, tuple[Any, str, Any]] = {}
@@ -202,7 +196,7 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weig
         else:
             role = "other"
             module, leaf = plain.get(id(p), (None, ""))
-            no_decay = leaf == "bias" or (module is not None and _is_norm(module))
+            no_decay = leaf == "bias" or (module is not None and is_norm(module))
             p_lr = high if vector_rate == "high" and p.dim() == 1 else lr
         group = {"lr": p_lr, "weight_decay": 0.0 if no_decay else float(weight_decay)}
         group.update(overrides)  # the adapter's own settings win (e.g. SoRA gates: no decay, own lr)
@@ -249,8 +243,6 @@ def _bitsandbytes():
 
 
 def _embedding_weights(model: nn.Module) -> set[int]:
-    from .layers import AdaptedLayer
-
     found = set()
     for module in model.modules():
         if isinstance(module, nn.Embedding) and not isinstance(module, AdaptedLayer):
@@ -316,8 +308,6 @@ def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float =
         return torch.optim.AdamW(groups, **common)
     if key == "sgd":
         return torch.optim.SGD(groups, **common)
-    from .quant.adamw8bit import AdamW8bit
-
     if key == "adamw8bit":
         return AdamW8bit(_fp32_state_for_embeddings(model, groups), **common)
     # paged: bitsandbytes on CUDA, else the same update without paging

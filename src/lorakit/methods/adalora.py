@@ -348,7 +348,7 @@ class AdaLoraAdapter(Adapter):
             a.prune(by_adapter[id(a)])
             if merged:
                 layer.merge([name])
-        from ..model import registry
+        from ..registry import registry
 
         ranks = {path: a.r for path, _, a in entries}
         reg = registry(model)
@@ -411,7 +411,7 @@ def rank_report(model: nn.Module, name: str = "default") -> dict[str, int]:
         >>> rank_report(net)
         {'0': 4}
     """
-    from ..model import adapted_layers, registry
+    from ..registry import adapted_layers, registry
 
     reg = registry(model)
     if name not in reg.configs:

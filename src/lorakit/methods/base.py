@@ -13,12 +13,13 @@ methods. The defaults here are plain LoRA-shaped behaviour, so a method override
 """
 from __future__ import annotations
 
-import math
 import zlib
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
+
+from .watch import watch_adapter
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import AdapterConfig
@@ -42,6 +43,14 @@ def kaiming_uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Genera
     return torch.rand(shape, generator=generator) * (2 * bound) - bound
 
 
+class HookEntry(NamedTuple):
+    """One layer of an adapter, as the training hooks pass it to the per-adapter classmethods (``entries``)."""
+
+    path: str
+    layer: "AdaptedLayer"
+    adapter: "Adapter"
+
+
 class Adapter(nn.Module):
     """Base class of a method's per-layer adapter. See the module docstring for the verbs."""
 
@@ -52,6 +61,8 @@ class Adapter(nn.Module):
     needs_hooks: ClassVar[bool] = False
     #: True if the method may add to the frozen base weight (PiSSA, Delta-LoRA)
     shifts_base: bool = False
+    #: True once the training hooks have nothing left to do (AdaLoRA after its final pruning): no longer watched
+    hooks_done: bool = False
     #: which config init values the method accepts
     allowed_inits: ClassVar[tuple[str, ...]] = ("kaiming",)
     #: False if the method's layer function cannot be folded into the base weight
@@ -72,8 +83,6 @@ class Adapter(nn.Module):
         self.layer_kind = ops.kind
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 and ops.supports_dropout() else nn.Identity()
         if type(self).needs_hooks:  # lets lorakit warn once if optimiser steps run without the training hooks
-            from ..train.hooks import watch_adapter
-
             watch_adapter(self)
 
     # -- configuration ----------------------------------------------------------------------------------------
@@ -116,6 +125,11 @@ class Adapter(nn.Module):
         """Return ``y`` plus this adapter's contribution for input ``x``."""
         raise NotImplementedError
 
+    def fused_forward(self, layer: "AdaptedLayer", x: torch.Tensor) -> torch.Tensor | None:
+        """Base layer plus this adapter in one step when it is the layer's only live adapter, or None (the default)
+        when no fused path applies right now; the layer then runs ``base(x)`` and :meth:`apply`."""
+        return None
+
     def delta_weight(self, layer: "AdaptedLayer") -> torch.Tensor:
         """The dense ``[out, in]`` change (fp32) that :meth:`apply` adds."""
         raise NotImplementedError
@@ -145,7 +159,8 @@ class Adapter(nn.Module):
     # -- training hooks -----------------------------------------------------------------------------------------
     # Driven by ``lorakit.training_hooks(model)`` (plain loops), the transformers callback and lorakit's Trainer.
     # Per-layer verbs have per-adapter classmethod wrappers, so a method needing a global view (AdaLoRA's budget,
-    # LoRA-drop) overrides the wrapper instead. ``entries`` = [(layer_path, AdaptedLayer, Adapter), ...] of one adapter.
+    # LoRA-drop) overrides the wrapper instead. ``entries``: a list of :class:`HookEntry` (path, layer, adapter) of one
+    # adapter.
     def regularization(self) -> torch.Tensor | None:
         """Extra loss term of this layer's adapter (added by ``lorakit.regularization_loss``), or None."""
         return None
@@ -196,26 +211,12 @@ class Adapter(nn.Module):
 
     @classmethod
     def combine(cls, layer: "AdaptedLayer", sources: list[tuple["Adapter", float]], how: str,
-                rank: int | None = None) -> "Adapter":
-        """A new adapter for ``layer`` mixing ``sources`` (adapter, weight); see :func:`lorakit.combine`."""
-        from .lora import LoraAdapter
-
-        if how == "svd":
-            delta = sum(w * a.delta_weight(layer) for a, w in sources)
-            k = min(rank or max(a.r for a, _ in sources), *delta.shape)
-            u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
-            return LoraAdapter.from_factors(layer.ops, sources[0][0].path, vh[:k], u[:, :k] * sv[:k], 1.0)
-        factors = [(a.as_lora_factors(), w) for a, w in sources]
-        if how == "cat":
-            a = torch.cat([f[0].float() * (w * f[2]) for f, w in factors], dim=0)
-            b = torch.cat([f[1].float() for f, _ in factors], dim=1)
-            return LoraAdapter.from_factors(layer.ops, sources[0][0].path, a, b, 1.0)
-        ranks = {f[0].shape[0] for f, _ in factors}
-        if len(ranks) != 1:
-            raise ValueError(f"combine(how='linear') needs equal ranks; got {sorted(ranks)} (use 'cat' or 'svd')")
-        a = sum(math.copysign(math.sqrt(abs(w * f[2])), w * f[2]) * f[0].float() for f, w in factors)
-        b = sum(math.sqrt(abs(w * f[2])) * f[1].float() for f, w in factors)
-        return LoraAdapter.from_factors(layer.ops, sources[0][0].path, a, b, 1.0)
+                rank: int | None = None) -> "Adapter | None":
+        """This method's own rule for a new adapter on ``layer`` mixing ``sources`` (adapter, weight), see
+        :func:`lorakit.combine`; or None (the default) to have them mixed by the generic low-rank rule, which LoRA's
+        strategy holds (:func:`lorakit.methods.combine_adapters` picks the rule). A method whose layer function is
+        not linear in its factors (DoRA) overrides this."""
+        return None
 
     # -- bookkeeping --------------------------------------------------------------------------------------------
     def is_trainable(self, param_name: str) -> bool:

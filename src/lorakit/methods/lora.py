@@ -8,6 +8,7 @@ the original weights.
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -229,6 +230,40 @@ class LoraAdapter(Adapter):
         if x.is_floating_point():
             x = x.to(self.A0.dtype)
         return -self.scaling * layer.ops.up(layer.ops.down(x, self.A0), self.B0)
+
+    # -- mixing -----------------------------------------------------------------------------------------------
+    @classmethod
+    def combine(cls, layer: "AdaptedLayer", sources: list[tuple[Adapter, float]], how: str,
+                rank: int | None = None) -> "LoraAdapter":
+        """The generic mixing rule, used for every method without its own: a plain LoRA adapter for ``layer`` mixing
+        ``sources`` (adapter, weight) from their exact low-rank factors (``cat``, ``linear``) or an SVD of the summed
+        deltas (``svd``); see :func:`lorakit.combine`.
+
+        Example:
+            >>> import torch, lorakit
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+            >>> for n in "ab": _ = lorakit.attach(net, lorakit.AdapterConfig(r=2), name=n)
+            >>> layer = net[0]
+            >>> LoraAdapter.combine(layer, [(layer.adapters["a"], 0.5), (layer.adapters["b"], 0.5)], "cat").r
+            4
+        """
+        path = sources[0][0].path
+        if how == "svd":
+            delta = sum(w * a.delta_weight(layer) for a, w in sources)
+            k = min(rank or max(a.r for a, _ in sources), *delta.shape)
+            u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+            return LoraAdapter.from_factors(layer.ops, path, vh[:k], u[:, :k] * sv[:k], 1.0)
+        factors = [(a.as_lora_factors(), w) for a, w in sources]
+        if how == "cat":
+            a = torch.cat([f[0].float() * (w * f[2]) for f, w in factors], dim=0)
+            b = torch.cat([f[1].float() for f, _ in factors], dim=1)
+            return LoraAdapter.from_factors(layer.ops, path, a, b, 1.0)
+        ranks = {f[0].shape[0] for f, _ in factors}
+        if len(ranks) != 1:
+            raise ValueError(f"combine(how='linear') needs equal ranks; got {sorted(ranks)} (use 'cat' or 'svd')")
+        a = sum(math.copysign(math.sqrt(abs(w * f[2])), w * f[2]) * f[0].float() for f, w in factors)
+        b = sum(math.sqrt(abs(w * f[2])) * f[1].float() for f, w in factors)
+        return LoraAdapter.from_factors(layer.ops, path, a, b, 1.0)
 
     @classmethod
     def from_factors(cls, ops: "LayerOps", path: str, a: torch.Tensor, b: torch.Tensor,

@@ -263,7 +263,7 @@ def layer_importance(model: nn.Module, batches: Any, name: str = "default",
         >>> layer_importance(net, [torch.randn(3, 4)])  # B starts at 0
         {'0': 0.0}
     """
-    from ..model import adapted_layers, registry
+    from ..registry import adapted_layers, registry
 
     reg = registry(model)
     if name not in reg.configs:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import LayerOps
+from ..registry import adapted_layers
 from .base import kaiming_uniform
 from .lora import LoraAdapter
 
@@ -150,7 +151,7 @@ class LoraFAAdapter(LoraAdapter):
     def apply(self, layer: "AdaptedLayer", x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
         if (p == 0.0 or not self.training or not torch.is_grad_enabled() or self.A.requires_grad
-                or not x.is_floating_point() or not _linear_like(layer.ops)):
+                or not x.is_floating_point() or not layer.ops.matmul_on_last_dim):
             return super().apply(layer, x, y)  # A frozen: autograd keeps z, not x (see module docstring)
         xa = x.to(self.A.dtype) if x.dtype != self.A.dtype else x
         seed = int(torch.randint(0, 2**62, (1,)).item())  # from the global RNG, so torch.manual_seed reproduces it
@@ -161,11 +162,6 @@ class LoraFAAdapter(LoraAdapter):
 
     def extra_repr(self) -> str:
         return f"method=lora_fa, r={self.r}, scaling={self.scaling:g}, A frozen (seed {int(self.A_seed)})"
-
-
-def _linear_like(ops: LayerOps) -> bool:
-    cls = type(ops)
-    return cls.down is LayerOps.down and cls.up is LayerOps.up
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -199,7 +195,6 @@ class LoraFAOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True, delta: float = 1e-8):
-        from ..model import adapted_layers
 
         checks: list[tuple[str, object, Callable[[object], bool], str]] = [
             ("lr", lr, lambda v: v >= 0, "a number >= 0"),

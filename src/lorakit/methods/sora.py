@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ..registry import adapted_layers, registry
 from .base import Adapter, kaiming_uniform
 from .lora import LoraAdapter, can_fuse, fused_low_rank
 
@@ -245,7 +246,6 @@ class SoraAdapter(Adapter):
     @classmethod
     def adapter_finish(cls, model: nn.Module, name: str, entries: list, config: "AdapterConfig") -> None:
         """Replace every layer's SoRA adapter by the plain LoRA of rank ``nnz(g)`` computing the same function."""
-        from ..model import registry
 
         merged = [path for path, layer, _ in entries if name in layer.merged]
         if merged:
@@ -304,7 +304,6 @@ def kept_ranks(model: nn.Module, name: str = "default") -> dict[str, int]:
         >>> kept_ranks(net)
         {'0': 2}
     """
-    from ..model import adapted_layers, registry
 
     reg = registry(model)
     if name not in reg.configs:
@@ -328,7 +327,6 @@ def rank_report(model: nn.Module, name: str = "default") -> str:
         >>> rank_report(net).splitlines()[-1].split()
         ['total', '2', '2']
     """
-    from ..model import registry
 
     kept = kept_ranks(model, name)
     reg = registry(model)

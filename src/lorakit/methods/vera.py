@@ -183,12 +183,6 @@ class _VeraUp(torch.autograd.Function):
         return gz, (g if need_y else None), None, gd, gb
 
 
-def _linear_like(ops: LayerOps) -> bool:
-    """True if the layer's low-rank path is plain ``F.linear`` on the last dim (Linear, Conv1D, 4-bit Linear)."""
-    cls = type(ops)
-    return cls.down is LayerOps.down and cls.up is LayerOps.up and cls.per_out is LayerOps.per_out
-
-
 class VeraAdapter(Adapter):
     """Per-layer VeRA vectors ``lambda_d`` (r) and ``lambda_b`` (out) over the adapter's shared frozen pair."""
 
@@ -265,7 +259,7 @@ class VeraAdapter(Adapter):
         if xa.is_floating_point() and xa.dtype != d.dtype:
             xa = xa.to(d.dtype)
         a, bm = self._slices(xa.device)
-        if y.dtype == d.dtype and xa.is_floating_point() and _linear_like(layer.ops):
+        if y.dtype == d.dtype and xa.is_floating_point() and layer.ops.matmul_on_last_dim:
             if self.training and isinstance(self.dropout, nn.Dropout):
                 z = _VeraDown.apply(xa, a)  # every layer draws its own dropout mask: nothing to share
             else:

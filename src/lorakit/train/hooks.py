@@ -17,35 +17,33 @@ Per adapter, the hooks call the method class's classmethods ``adapter_after_step
 ``adapter_regularization`` (see :class:`lorakit.methods.base.Adapter`) with ``entries`` =
 ``[(layer_path, AdaptedLayer, Adapter), ...]``, for every adapter whose parameters train (``requires_grad``).
 
-A method with ``needs_hooks = True`` registers each of its adapters with :func:`watch_adapter`; a global
-optimiser post-step hook then counts the optimiser steps that touch those adapters' parameters, and if a step
-happens while the previous one was not followed by ``hooks.after_step()``, a warning naming the method and the
-three-line fix is shown once per method and process. An adapter that sets ``hooks_done = True`` (already
-consolidated) is no longer watched.
+A method with ``needs_hooks = True`` has each of its adapters watched (:mod:`lorakit.methods.watch`): if an
+optimiser step happens while the previous one was not followed by ``hooks.after_step()``, a warning naming the
+method and the three-line fix is shown once per method and process.
 """
 from __future__ import annotations
 
-import os
-import sys
-import warnings
-import weakref
 from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..model import _registry
+from ..methods.base import HookEntry
+from ..methods.watch import WARNED_METHODS, mark_driven, watch_adapter
+from ..registry import registry_or_none
 
 __all__ = ["TrainingHooks", "regularization_loss", "training_hooks", "watch_adapter"]
+
+# the warn-once watcher lives below the methods (lorakit.methods.watch); the old private name stays for callers
+_WARNED = WARNED_METHODS
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # which adapters the hooks drive
 # ---------------------------------------------------------------------------------------------------------------
-def _entries(model: nn.Module, name: str) -> list[tuple[str, Any, Any]]:
-    """``[(path, AdaptedLayer, Adapter)]`` of adapter ``name``, in the registry's layer order."""
-    reg = _registry(model)
+def _entries(model: nn.Module, name: str) -> list[HookEntry]:
+    """``[HookEntry(path, layer, adapter)]`` of adapter ``name``, in the registry's layer order."""
+    reg = registry_or_none(model)
     out = []
     for path in reg.layers.get(name, []):
         try:
@@ -54,7 +52,7 @@ def _entries(model: nn.Module, name: str) -> list[tuple[str, Any, Any]]:
             continue
         adapters = getattr(layer, "adapters", None)
         if adapters is not None and name in adapters:
-            out.append((path, layer, adapters[name]))
+            out.append(HookEntry(path, layer, adapters[name]))
     return out
 
 
@@ -69,7 +67,7 @@ def _trains(entries: list, shared: nn.Module | None) -> bool:
 
 def _training_adapters(model: nn.Module) -> Iterator[tuple[str, type, list, Any]]:
     """``(name, method class, entries, config)`` for every adapter of ``model`` that trains."""
-    reg = _registry(model)
+    reg = registry_or_none(model)
     if reg is None:
         return
     for name, config in list(reg.configs.items()):
@@ -107,11 +105,11 @@ class TrainingHooks:
             self._driven.add(name)
             cls.adapter_after_step(self.model, name, entries, config, self.step)
             for _, _, adapter in entries:
-                _mark_driven(adapter)
+                mark_driven(adapter)
 
     def finish(self) -> None:
         """Consolidate every trained adapter at the end of training (AdaLoRA: prune to the kept ranks)."""
-        reg = _registry(self.model)
+        reg = registry_or_none(self.model)
         if reg is None:
             return
         names = {name for name, *_ in _training_adapters(self.model)} | self._driven
@@ -137,7 +135,7 @@ class TrainingHooks:
             if name in saved:
                 cls.adapter_load_state_dict(self.model, name, entries, config, saved[name])
             for _, _, adapter in entries:
-                _mark_driven(adapter)
+                mark_driven(adapter)
 
     def __repr__(self) -> str:
         return f"TrainingHooks(step={self.step})"
@@ -186,85 +184,3 @@ def regularization_loss(model: nn.Module) -> torch.Tensor:
     if total is None:
         return torch.zeros((), device=_model_device(model))
     return total.reshape(())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# warn once when a method that needs the hooks trains without them
-# ---------------------------------------------------------------------------------------------------------------
-_WATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-_GENERATION = [0]  # bumped on every watch_adapter, so per-optimiser caches know to rebuild
-_OPTIMIZERS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
-_HANDLE: list = []
-_WARNED: set[str] = set()
-
-FIX = ("    hooks = lorakit.training_hooks(model)   # once, before the loop\n"
-       "    hooks.after_step()                      # after optimizer.step(), before optimizer.zero_grad()\n"
-       "    hooks.finish()                          # once, after the loop")
-
-
-def watch_adapter(adapter: nn.Module) -> None:
-    """Register an adapter of a ``needs_hooks`` method for the warn-once check (called by ``Adapter.__init__``)."""
-    _WATCHED.add(adapter)
-    adapter.__dict__["_lorakit_opt_steps"] = 0
-    adapter.__dict__["_lorakit_hook_steps"] = 0
-    _GENERATION[0] += 1
-    if not _HANDLE:
-        _HANDLE.append(register_optimizer_step_post_hook(_after_optimizer_step))
-
-
-def _mark_driven(adapter: nn.Module) -> None:
-    if "_lorakit_opt_steps" in adapter.__dict__:
-        adapter.__dict__["_lorakit_hook_steps"] = adapter.__dict__["_lorakit_opt_steps"]
-
-
-def _watched_in(optimizer: torch.optim.Optimizer) -> list:
-    """Weak references to the watched adapters whose parameters ``optimizer`` updates (cached per optimiser)."""
-    n_params = sum(len(g["params"]) for g in optimizer.param_groups)
-    cached = _OPTIMIZERS.get(optimizer)
-    if cached is not None and cached[0] == _GENERATION[0] and cached[1] == n_params:
-        return cached[2]
-    ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    refs = [weakref.ref(a) for a in list(_WATCHED) if any(id(p) in ids for p in a.parameters())]
-    _OPTIMIZERS[optimizer] = (_GENERATION[0], n_params, refs)
-    return refs
-
-
-def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    if not _WATCHED:
-        return
-    for ref in _watched_in(optimizer):
-        adapter = ref()
-        if adapter is None or getattr(adapter, "hooks_done", False):
-            continue
-        if not any(p.requires_grad for p in adapter.parameters()):
-            continue
-        state = adapter.__dict__
-        # The hooks run right after this post-hook in a correct loop, so only a *previous* step left unserved
-        # proves they are missing.
-        if state["_lorakit_opt_steps"] > state["_lorakit_hook_steps"]:
-            _warn_missing(getattr(adapter, "method", type(adapter).__name__))
-        state["_lorakit_opt_steps"] += 1
-
-
-def _warn_missing(method: str) -> None:
-    if method in _WARNED:
-        return
-    _WARNED.add(method)
-    warnings.warn(
-        f"lorakit: method {method!r} needs its training hooks, but optimizer.step() ran without "
-        f"hooks.after_step(), so its training-time work (e.g. AdaLoRA's rank allocation) never happens. "
-        f"Add these 3 lines to your loop:\n{FIX}\n"
-        "(transformers.Trainer: pass callbacks=[lorakit.train.callbacks.LorakitCallback()] or use "
-        "lorakit.train.callbacks.LorakitTrainer; lorakit's own Trainer calls them for you.)",
-        UserWarning,
-        stacklevel=_caller_level(),
-    )
-
-
-def _caller_level() -> int:
-    """``stacklevel`` pointing at the first frame outside torch and lorakit (the user's ``optimizer.step()``)."""
-    inside = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    frame, level = sys._getframe(2), 2  # level 1 is _warn_missing itself
-    while frame is not None and frame.f_code.co_filename.startswith(inside):
-        frame, level = frame.f_back, level + 1
-    return level if frame is not None else 1
