@@ -296,11 +296,11 @@ def _check_peft_layer(model: nn.Module, path: str, folder: Path, loftq: dict[str
     except UnsupportedLayer as err:
         raise PeftFormatError(f"{folder}: PEFT adapted {path}, which lorakit cannot adapt: {err}") from None
     if loftq is not None:
-        from .quant.loftq import check_loftq_base
+        from .methods.lora import check_loftq_base
 
         try:
             check_loftq_base(ops, path, source="peft")
-        except AdapterLoadError as err:
+        except ValueError as err:
             raise PeftFormatError(f"{folder}: {err}") from None
 
 

@@ -15,6 +15,8 @@ Example (QLoRA on CPU):
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .linear4bit import (
     Linear4bit,
     load_quantized,
@@ -23,7 +25,7 @@ from .linear4bit import (
     requantize,
     save_quantized,
 )
-from .loftq import loftq_attach, loftq_decompose, quantize_for_adapter
+from .loftq import loftq_decompose, quantize_for_adapter
 from .nf4 import (
     NF4_CODE_VALUES,
     NF4Tensor,
@@ -36,6 +38,20 @@ from .nf4 import (
     quantize_blockwise_8bit,
     quantize_nf4,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..methods.lora import loftq_attach
+
+
+def __getattr__(name: str) -> Any:
+    """Names this package still answers for that live on higher floors: resolved on first use, so that importing
+    ``lorakit.quant`` (as ``layers`` and ``methods`` do) imports nothing of lorakit outside it."""
+    if name == "loftq_attach":  # the LoRA strategy's LoftQ init
+        from ..methods.lora import loftq_attach
+
+        return loftq_attach
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Linear4bit",

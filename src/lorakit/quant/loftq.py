@@ -21,51 +21,10 @@ quantisation: ``res = W``; repeat: ``(A, B) = SVD_r(res)`` (scaled as above), ``
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import torch
 
-from .linear4bit import COMPUTE_DTYPES, Linear4bit
 from .nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..config import AdapterConfig
-    from ..layers import AdaptedLayer
-    from ..methods.lora import LoraAdapter
-
-
-#: the 4-bit base every LoftQ adapter is fitted to: lorakit's and PEFT's LoftQ both quantise with NF4, block 64 and
-#: no double quantisation; the adapter only means what it was trained to mean on such a base
-LOFTQ_BASE = {"bits": 4, "quant_type": "nf4", "blocksize": 64, "double_quant": False}
-
-
-def check_loftq_base(ops, path: str, source: str = "lorakit") -> None:
-    """Raise :class:`~lorakit.io.AdapterLoadError` unless ``ops`` (a layer's base) is the 4-bit NF4 base a LoftQ
-    adapter needs (:data:`LOFTQ_BASE`); the message names the layer, what it is, and the fix.
-
-    ``source="peft"`` words the fix for PEFT LoftQ folders, whose flow loads the LoftQ-modified base in 4-bit.
-    """
-    from ..io import AdapterLoadError
-
-    if ops.quantized:
-        have = {"bits": 4, "quant_type": "nf4", "blocksize": getattr(ops.base, "blocksize", None),
-                "double_quant": getattr(ops.base, "double_quant", None)}
-        wrong = {k: have[k] for k in LOFTQ_BASE if have[k] != LOFTQ_BASE[k]}
-        if not wrong:
-            return
-        what = "is 4-bit with " + ", ".join(f"{k}={v!r}" for k, v in wrong.items())
-    else:
-        what = "is full precision (not quantised)"
-    fix = ("quantise the adapted layers first: lorakit.quant.quantize_for_adapter(model, folder) does exactly that "
-           "(or lorakit.quantize(model, double_quant=False, blocksize=64, compute_dtype=<the base's dtype>) for every "
-           "linear layer), then load; with loftq_iter > 1 the exact LoftQ backbone differs from a fresh "
-           "quantisation: keep and load it with lorakit.quant.save_quantized/load_quantized")
-    if source == "peft":
-        fix = ("PEFT's LoftQ flow loads the (LoftQ-modified) base in 4-bit NF4 (bitsandbytes nf4, no double "
-               "quantisation); in lorakit " + fix)
-    raise AdapterLoadError(
-        f"{path} {what}, but this LoftQ adapter was fitted to a 4-bit NF4 base (block 64, no double "
-        f"quantisation) and would compute a different function on it. Fix: {fix}")
 
 
 def quantize_for_adapter(model: torch.nn.Module, folder: str | os.PathLike,
@@ -92,6 +51,7 @@ def quantize_for_adapter(model: torch.nn.Module, folder: str | os.PathLike,
     import re
     from pathlib import Path
 
+    from ..methods.lora import LOFTQ_BASE
     from .linear4bit import quantize
 
     cfg_file = Path(folder) / "lorakit_config.json"
@@ -229,43 +189,3 @@ def loftq_decompose(weight: torch.Tensor, r: int, scaling: float = 1.0, iters: i
             a, b = _scaled_svd(w - dequantize_nf4(q), r, scaling)
             res = w - scaling * (b @ a)
     return q, a, b
-
-
-def loftq_attach(adapter: "LoraAdapter", layer: "AdaptedLayer", config: "AdapterConfig") -> Linear4bit:
-    """``init="loftq"`` for a LoRA-shaped adapter: sets its ``A``, ``B`` and returns the new 4-bit base holding Q.
-
-    Called by ``LoraAdapter.init_weights`` while :func:`lorakit.attach` builds its plan (the model is untouched
-    until the plan commits). The base must be a full-precision ``nn.Linear``: LoftQ needs W itself, which a 4-bit
-    base no longer has. The new base is an NF4 :class:`Linear4bit` with block 64 and no double quantisation (as
-    LoftQ), computing in the original weight dtype (fp32 stays fp32; bf16/fp16 stay so); ``config.loftq_iter``
-    alternations.
-
-    Example:
-        >>> import torch, lorakit
-        >>> net = torch.nn.Sequential(torch.nn.Linear(64, 32))
-        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=4, alpha=8, init="loftq", loftq_iter=2))
-        >>> type(net[0].base).__name__
-        'Linear4bit'
-    """
-    ops = layer.ops
-    if ops.quantized:
-        raise ValueError(f"init='loftq' needs the full-precision weight, but {adapter.path} is already 4-bit; "
-                         "attach LoftQ to the unquantised model (it quantises the layer itself), or use "
-                         "init='pissa' (QPiSSA) on a 4-bit base")
-    if ops.kind != "linear":
-        raise ValueError(f"init='loftq' needs an nn.Linear; {adapter.path} is {ops.kind}")
-    weight = ops.weight_matrix()
-    q, a, b = loftq_decompose(weight, adapter.r, adapter.scaling, config.loftq_iter, LOFTQ_BASE["blocksize"],
-                              LOFTQ_BASE["double_quant"])
-    bias = ops.bias()
-    compute = weight.dtype if weight.dtype in COMPUTE_DTYPES else torch.float32
-    base = Linear4bit(ops.in_features, ops.out_features, bias is not None, compute, q.blocksize, q.double_quant,
-                      bias.dtype if bias is not None else torch.float32, device=weight.device,
-                      weight_dtype=weight.dtype)
-    base.load_nf4(q)
-    if bias is not None:
-        with torch.no_grad():
-            base.bias.copy_(bias.detach())
-    base.train(layer.base.training)
-    adapter._set(a, b)
-    return base
