@@ -173,7 +173,7 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
                         PEFT_UNSUPPORTED_INITS[key] else "")
                 raise PeftFormatError(f"{folder}: init_lora_weights={init!r}: {PEFT_UNSUPPORTED_INITS[key]}; lorakit "
                                       f"does not support loading it.{hint}")
-        loftq = _peft_loftq(cfg, folder)
+        loftq = peft_loftq_config(cfg, folder)
         method = "dora" if cfg.get("use_dora") else "lora"
         suffixes = {**LORA_KEYS, **(DORA_KEYS if method == "dora" else {})}
     elif peft_type == "VERA":
@@ -270,7 +270,7 @@ def _num(cfg: dict[str, Any], key: str, default: Any, folder: Path, kind: type =
     return kind(value)
 
 
-def _peft_loftq(cfg: dict[str, Any], folder: Path) -> dict[str, int] | None:
+def peft_loftq_config(cfg: dict[str, Any], folder: Path) -> dict[str, int] | None:
     """The LoftQ settings of a PEFT LoRA folder, or None: ``init_lora_weights: "loftq"`` (PEFT's own save) or a
     non-empty ``loftq_config`` (lorakit's export, which keeps ``init_lora_weights: true`` so PEFT loads it onto its
     4-bit base without re-running LoftQ)."""

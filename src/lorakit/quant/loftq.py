@@ -20,97 +20,9 @@ quantisation: ``res = W``; repeat: ``(A, B) = SVD_r(res)`` (scaled as above), ``
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
-
-
-def quantize_for_adapter(model: torch.nn.Module, folder: str | os.PathLike,
-                         compute_dtype: torch.dtype | None = None) -> list[str]:
-    """Quantise, as a saved lorakit LoftQ adapter needs, the layers of ``model`` it adapts; returns their paths.
-
-    Reads ``folder``'s ``lorakit_config.json``: every adapter recording a 4-bit base (``extra["base"]``, written
-    by ``attach(init="loftq")``) or saved with ``init="loftq"`` gets its layers quantised with those settings
-    (NF4, block 64, no double quantisation), computing in ``compute_dtype`` (default: the layers' own dtype).
-    A PEFT LoftQ folder (``init_lora_weights: "loftq"`` or a ``loftq_config``) gets its LoRA layers quantised the
-    same way. Layers already 4-bit and other folders are left alone, so :func:`lorakit.load` then explains any
-    mismatch. With ``loftq_iter > 1`` the LoftQ backbone is not a fresh quantisation of the base: keep that one
-    with :func:`~lorakit.quant.save_quantized` instead. Used by ``lorakit predict``/``export``.
-
-    Example:
-        >>> import tempfile, lorakit
-        >>> net = torch.nn.Sequential(torch.nn.Linear(64, 64))
-        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2, init="loftq"))
-        >>> folder = lorakit.save(net, tempfile.mkdtemp() + "/a")
-        >>> quantize_for_adapter(torch.nn.Sequential(torch.nn.Linear(64, 64)), folder)
-        ['0']
-    """
-    import json
-    import re
-    from pathlib import Path
-
-    from ..methods.lora import LOFTQ_BASE
-    from .linear4bit import quantize
-
-    cfg_file = Path(folder) / "lorakit_config.json"
-    try:
-        if cfg_file.is_file():
-            meta = json.loads(cfg_file.read_text(encoding="utf-8"))
-            entries = list(meta["adapters"].values())
-        else:
-            entries = _peft_loftq_entries(Path(folder))
-    except (ValueError, KeyError, TypeError, AttributeError, OSError):
-        return []  # lorakit.load reports the broken folder
-    wanted: dict[str, dict] = {}
-    for entry in entries:
-        if not isinstance(entry, dict):
-            continue
-        base = (entry.get("extra") or {}).get("base")
-        if base is None and (entry.get("config") or {}).get("init") == "loftq":
-            base = LOFTQ_BASE
-        if isinstance(base, dict) and base.get("quant_type") == "nf4":
-            for path in entry.get("layers") or []:
-                wanted[path] = base
-    todo = []
-    for path, base in wanted.items():
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            continue  # lorakit.load names the missing module
-        if isinstance(module, torch.nn.Linear):
-            todo.append((path, module, base))
-    done = []
-    settings = {(b.get("blocksize", 64), bool(b.get("double_quant", False))) for _, _, b in todo}
-    for blocksize, double_quant in sorted(settings):
-        paths = [p for p, m, b in todo if (b.get("blocksize", 64), bool(b.get("double_quant", False))) ==
-                 (blocksize, double_quant)]
-        dtype = compute_dtype or next(m for p, m, _ in todo if p == paths[0]).weight.dtype
-        # skip every module but these paths and the containers holding them (a container named by skip would
-        # skip everything inside it)
-        keep = {".".join(p.split(".")[:i]) for p in paths for i in range(1, p.count(".") + 2)}
-        skip = (rf"(?!(?:{'|'.join(re.escape(k) for k in sorted(keep))})$).*",)
-        quantize(model, double_quant=double_quant, compute_dtype=dtype, skip=skip, blocksize=int(blocksize))
-        done += paths
-    return done
-
-
-def _peft_loftq_entries(folder) -> list[dict]:
-    """A PEFT LoftQ folder as :func:`quantize_for_adapter` entries (layers read from the tensor names)."""
-    import json
-
-    from safetensors import safe_open
-
-    from ..peft_format import PEFT_CONFIG, PEFT_WEIGHTS, PREFIX, _peft_loftq
-
-    cfg = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
-    if not isinstance(cfg, dict) or _peft_loftq(cfg, folder) is None:
-        return []
-    with safe_open(str(folder / PEFT_WEIGHTS), "pt") as fh:
-        keys = list(fh.keys())
-    layers = sorted({k[len(PREFIX):].rsplit(".lora_A", 1)[0] for k in keys if ".lora_A" in k and k.startswith(PREFIX)})
-    return [{"config": {"init": "loftq"}, "layers": layers}]
 
 
 def top_svd(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
