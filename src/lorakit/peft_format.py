@@ -273,7 +273,12 @@ def _num(cfg: dict[str, Any], key: str, default: Any, folder: Path, kind: type =
 def peft_loftq_config(cfg: dict[str, Any], folder: Path) -> dict[str, int] | None:
     """The LoftQ settings of a PEFT LoRA folder, or None: ``init_lora_weights: "loftq"`` (PEFT's own save) or a
     non-empty ``loftq_config`` (lorakit's export, which keeps ``init_lora_weights: true`` so PEFT loads it onto its
-    4-bit base without re-running LoftQ)."""
+    4-bit base without re-running LoftQ).
+
+    Example:
+        >>> peft_loftq_config({"init_lora_weights": "loftq", "loftq_config": {"loftq_iter": 2}}, Path("."))
+        {'loftq_bits': 4, 'loftq_iter': 2}
+    """
     lcfg = cfg.get("loftq_config") or {}
     if cfg.get("init_lora_weights") != "loftq" and not lcfg:
         return None

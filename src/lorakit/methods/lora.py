@@ -4,7 +4,9 @@
 PiSSA (init="pissa"/"pissa_fast") puts the top-r singular part of W into A, B (singular values divided by s so
 that ``s·BA`` is exactly that part for any alpha) and replaces the base weight by the residual; the initial
 factors are kept as buffers so the adapter can be saved, removed (restoring W) or converted to a rank-2r LoRA for
-the original weights.
+the original weights. LoftQ (init="loftq") swaps the base for the NF4 backbone Q of
+:func:`~lorakit.quant.loftq.loftq_decompose` and puts the low-rank rest into A, B (``deq(Q) + s·BA ≈ W``); such an
+adapter only loads onto that kind of base (:data:`LOFTQ_BASE`, checked by :func:`check_loftq_base`).
 """
 from __future__ import annotations
 
