@@ -35,7 +35,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "training_hooks": "lorakit.train.hooks",
     "regularization_loss": "lorakit.train.hooks",
-    "quantize": "lorakit.quant",
+    "quantize": "lorakit.quantization",
     "make_optimizer": "lorakit.optim",
     "loraplus_param_groups": "lorakit.optim",
     "run_lora_drop": "lorakit.methods.lora_drop",

@@ -173,7 +173,7 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
                         PEFT_UNSUPPORTED_INITS[key] else "")
                 raise PeftFormatError(f"{folder}: init_lora_weights={init!r}: {PEFT_UNSUPPORTED_INITS[key]}; lorakit "
                                       f"does not support loading it.{hint}")
-        loftq = _peft_loftq(cfg, folder)
+        loftq = peft_loftq_config(cfg, folder)
         method = "dora" if cfg.get("use_dora") else "lora"
         suffixes = {**LORA_KEYS, **(DORA_KEYS if method == "dora" else {})}
     elif peft_type == "VERA":
@@ -270,10 +270,15 @@ def _num(cfg: dict[str, Any], key: str, default: Any, folder: Path, kind: type =
     return kind(value)
 
 
-def _peft_loftq(cfg: dict[str, Any], folder: Path) -> dict[str, int] | None:
+def peft_loftq_config(cfg: dict[str, Any], folder: Path) -> dict[str, int] | None:
     """The LoftQ settings of a PEFT LoRA folder, or None: ``init_lora_weights: "loftq"`` (PEFT's own save) or a
     non-empty ``loftq_config`` (lorakit's export, which keeps ``init_lora_weights: true`` so PEFT loads it onto its
-    4-bit base without re-running LoftQ)."""
+    4-bit base without re-running LoftQ).
+
+    Example:
+        >>> peft_loftq_config({"init_lora_weights": "loftq", "loftq_config": {"loftq_iter": 2}}, Path("."))
+        {'loftq_bits': 4, 'loftq_iter': 2}
+    """
     lcfg = cfg.get("loftq_config") or {}
     if cfg.get("init_lora_weights") != "loftq" and not lcfg:
         return None
@@ -296,11 +301,11 @@ def _check_peft_layer(model: nn.Module, path: str, folder: Path, loftq: dict[str
     except UnsupportedLayer as err:
         raise PeftFormatError(f"{folder}: PEFT adapted {path}, which lorakit cannot adapt: {err}") from None
     if loftq is not None:
-        from .quant.loftq import check_loftq_base
+        from .methods.lora import check_loftq_base
 
         try:
             check_loftq_base(ops, path, source="peft")
-        except AdapterLoadError as err:
+        except ValueError as err:
             raise PeftFormatError(f"{folder}: {err}") from None
 
 

@@ -4,7 +4,9 @@
 PiSSA (init="pissa"/"pissa_fast") puts the top-r singular part of W into A, B (singular values divided by s so
 that ``s·BA`` is exactly that part for any alpha) and replaces the base weight by the residual; the initial
 factors are kept as buffers so the adapter can be saved, removed (restoring W) or converted to a rank-2r LoRA for
-the original weights.
+the original weights. LoftQ (init="loftq") swaps the base for the NF4 backbone Q of
+:func:`~lorakit.quant.loftq.loftq_decompose` and puts the low-rank rest into A, B (``deq(Q) + s·BA ≈ W``); such an
+adapter only loads onto that kind of base (:data:`LOFTQ_BASE`, checked by :func:`check_loftq_base`).
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..quant.linear4bit import COMPUTE_DTYPES, Linear4bit
+from ..quant.loftq import loftq_decompose
 from .base import Adapter, kaiming_uniform
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,6 +27,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..layers import AdaptedLayer, LayerOps
 
 PISSA_INITS = ("pissa", "pissa_fast")
+#: the 4-bit base every LoftQ adapter is fitted to: lorakit's and PEFT's LoftQ both quantise with NF4, block 64 and
+#: no double quantisation; the adapter only means what it was trained to mean on such a base
+LOFTQ_BASE = {"bits": 4, "quant_type": "nf4", "blocksize": 64, "double_quant": False}
 # module-wide forward hooks (nn.modules.module.register_module_forward_hook): the fused path must not skip them
 _GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
 
@@ -130,15 +137,11 @@ class LoraAdapter(Adapter):
         """A LoftQ adapter is fitted to one NF4 base (its ``deq(Q) + s·BA ≈ W``): on a full-precision base or one
         quantised with other settings it computes a different function, so loading refuses with the fix."""
         if config.init == "loftq":
-            from ..quant.loftq import check_loftq_base
-
             check_loftq_base(ops, path)
 
     @classmethod
     def base_requirements(cls, config: "AdapterConfig") -> dict | None:
         if config.init == "loftq":
-            from ..quant.loftq import LOFTQ_BASE
-
             return dict(LOFTQ_BASE)
         return None
 
@@ -150,9 +153,7 @@ class LoraAdapter(Adapter):
         if init in PISSA_INITS:
             return self._init_pissa(layer, config, generator)
         if init == "loftq":
-            from ..quant import loftq_attach
-
-            return loftq_attach(self, layer, config)
+            return self._init_loftq(layer, config)
         if self.layer_kind == "embedding" and init in ("kaiming", "gaussian"):
             a = torch.zeros(r, n_in)  # loralib/PEFT embedding convention: A = 0, B ~ N(0, 1)
             b = torch.randn(n_out, r, generator=generator)
@@ -196,6 +197,37 @@ class LoraAdapter(Adapter):
             self.A0.copy_(self.A)
             self.B0.copy_(self.B)
         return w - s * (self.B0.float() @ self.A0.float())
+
+    def _init_loftq(self, layer: "AdaptedLayer", config: "AdapterConfig") -> Linear4bit:
+        """``init="loftq"``: sets A, B from :func:`~lorakit.quant.loftq.loftq_decompose` and returns the new 4-bit
+        base holding its Q (the plan swaps it in when it commits; the model is untouched until then).
+
+        The base must be a full-precision ``nn.Linear``: LoftQ needs W itself, which a 4-bit base no longer has.
+        The new base is an NF4 :class:`~lorakit.quant.Linear4bit` with :data:`LOFTQ_BASE`'s settings, computing in
+        the original weight dtype (fp32 stays fp32; bf16/fp16 stay so); ``config.loftq_iter`` alternations.
+        """
+        ops = layer.ops
+        if ops.quantized:
+            raise ValueError(f"init='loftq' needs the full-precision weight, but {self.path} is already 4-bit; "
+                             "attach LoftQ to the unquantised model (it quantises the layer itself), or use "
+                             "init='pissa' (QPiSSA) on a 4-bit base")
+        if ops.kind != "linear":
+            raise ValueError(f"init='loftq' needs an nn.Linear; {self.path} is {ops.kind}")
+        weight = ops.weight_matrix()
+        q, a, b = loftq_decompose(weight, self.r, self.scaling, config.loftq_iter, LOFTQ_BASE["blocksize"],
+                                  LOFTQ_BASE["double_quant"])
+        bias = ops.bias()
+        compute = weight.dtype if weight.dtype in COMPUTE_DTYPES else torch.float32
+        base = Linear4bit(ops.in_features, ops.out_features, bias is not None, compute, q.blocksize, q.double_quant,
+                          bias.dtype if bias is not None else torch.float32, device=weight.device,
+                          weight_dtype=weight.dtype)
+        base.load_nf4(q)
+        if bias is not None:
+            with torch.no_grad():
+                base.bias.copy_(bias.detach())
+        base.train(layer.base.training)
+        self._set(a, b)
+        return base
 
     # -- forward / weights --------------------------------------------------------------------------------------
     def apply(self, layer: "AdaptedLayer", x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -286,3 +318,54 @@ class LoraAdapter(Adapter):
         a = torch.cat([self.A.detach(), self.A0], dim=0)
         b = torch.cat([self.B.detach(), -self.B0], dim=1)
         return a, b, self.scaling
+
+
+def check_loftq_base(ops: "LayerOps", path: str, source: str = "lorakit") -> None:
+    """Raise ``ValueError`` unless ``ops`` (a layer's base) is the 4-bit NF4 base a LoftQ adapter needs
+    (:data:`LOFTQ_BASE`); the message names the layer, what it is, and the fix. The loaders report it as
+    :class:`~lorakit.io.AdapterLoadError`.
+
+    ``source="peft"`` words the fix for PEFT LoftQ folders, whose flow loads the LoftQ-modified base in 4-bit.
+
+    Example:
+        >>> from lorakit.layers import ops_for
+        >>> try:
+        ...     check_loftq_base(ops_for(nn.Linear(8, 8)), "q_proj")
+        ... except ValueError as err:
+        ...     print(str(err)[:40])
+        q_proj is full precision (not quantised)
+    """
+    if ops.quantized:
+        have = {"bits": 4, "quant_type": "nf4", "blocksize": ops.base.blocksize, "double_quant": ops.base.double_quant}
+        wrong = {k: have[k] for k in LOFTQ_BASE if have[k] != LOFTQ_BASE[k]}
+        if not wrong:
+            return
+        what = "is 4-bit with " + ", ".join(f"{k}={v!r}" for k, v in wrong.items())
+    else:
+        what = "is full precision (not quantised)"
+    fix = ("quantise the adapted layers first: lorakit.quant.quantize_for_adapter(model, folder) does exactly that "
+           "(or lorakit.quantize(model, double_quant=False, blocksize=64, compute_dtype=<the base's dtype>) for every "
+           "linear layer), then load; with loftq_iter > 1 the exact LoftQ backbone differs from a fresh "
+           "quantisation: keep and load it with lorakit.quant.save_quantized/load_quantized")
+    if source == "peft":
+        fix = ("PEFT's LoftQ flow loads the (LoftQ-modified) base in 4-bit NF4 (bitsandbytes nf4, no double "
+               "quantisation); in lorakit " + fix)
+    raise ValueError(
+        f"{path} {what}, but this LoftQ adapter was fitted to a 4-bit NF4 base (block 64, no double "
+        f"quantisation) and would compute a different function on it. Fix: {fix}")
+
+
+def loftq_attach(adapter: LoraAdapter, layer: "AdaptedLayer", config: "AdapterConfig") -> Linear4bit:
+    """``init="loftq"`` for a LoRA-shaped adapter: sets its ``A``, ``B`` and returns the new 4-bit base holding Q.
+
+    The LoRA strategy's LoftQ init (:meth:`LoraAdapter.init_weights` runs it while :func:`lorakit.attach` builds its
+    plan); kept under this name for ``lorakit.quant.loftq_attach``.
+
+    Example:
+        >>> import lorakit
+        >>> net = torch.nn.Sequential(torch.nn.Linear(64, 32))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=4, alpha=8, init="loftq", loftq_iter=2))
+        >>> type(net[0].base).__name__
+        'Linear4bit'
+    """
+    return adapter._init_loftq(layer, config)

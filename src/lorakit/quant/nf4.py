@@ -193,7 +193,12 @@ class NF4Tensor:
         return dequantize_nf4(self, dtype)
 
 
-def _check_blocksize(blocksize: int) -> None:
+def check_blocksize(blocksize: int) -> None:
+    """Raise ValueError unless ``blocksize`` is one bitsandbytes' NF4 supports (:data:`BLOCKSIZES`).
+
+    Example:
+        >>> check_blocksize(64)
+    """
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize={blocksize!r} is invalid; allowed: {', '.join(map(str, BLOCKSIZES))}")
 
@@ -208,7 +213,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
 
     (Codes 15, 2 | 7, 10: ``0.25`` is nearest to 0.2461; packed as ``[ceil(n/2), 1]`` like bitsandbytes.)
     """
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     if not isinstance(w, torch.Tensor) or w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"quantize_nf4 needs an fp32/bf16/fp16 tensor, got "
                          f"{getattr(w, 'dtype', type(w).__name__)}")
@@ -290,7 +295,7 @@ def nf4_bits_per_parameter(blocksize: int = 64, double_quant: bool = True) -> fl
         >>> nf4_bits_per_parameter(64, double_quant=False)
         4.5
     """
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     if not double_quant:
         return 4.0 + 32.0 / blocksize
     return 4.0 + 8.0 / blocksize + 32.0 / (blocksize * DQ_BLOCKSIZE)

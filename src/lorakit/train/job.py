@@ -240,7 +240,7 @@ def run_job(job: JobConfig) -> dict[str, Any]:
                                 labels=labels)
     val_set = data_mod.encode(val_rows, tokenizer, fmt, max_length=job.max_length, labels=labels) if val_rows else None
     if job.quantize:
-        from ..quant import quantize
+        from ..quantization import quantize
 
         # the trained head stays full precision; without one, quantize's default keeps lm_head (where present)
         quantize(model, compute_dtype=torch.float32, skip=tuple(head_modules(model, task)) or None)
@@ -336,7 +336,7 @@ def load_adapted(adapter: str | os.PathLike, model: str | None = None, dtype: st
     if labels:
         base.config.id2label = dict(enumerate(labels))
         base.config.label2id = {v: k for k, v in enumerate(labels)}
-    from ..quant.loftq import quantize_for_adapter
+    from ..quantization import quantize_for_adapter
 
     quantize_for_adapter(base, adapter)  # a LoftQ adapter only means what it was trained to on its NF4 base
     load(base, adapter)
