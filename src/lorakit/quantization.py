@@ -35,14 +35,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import AdapterConfig
+from .config import AdapterConfig, name_matches
 from .io import CONFIG_FILE
 from .io import _atomic_folder  # io's folder primitive (becoming public with the io package)
 from .io import load as load_adapters
 from .io import save as save_adapters
-from .layers import AdaptedLayer, ops_for
+from .layers import AdaptedLayer, is_conv1d, is_norm, ops_for
 from .methods import get_method
-from .model import _registry, adapted_layers, saved_modules, unload
+from .model import unload
+from .registry import adapted_layers, registry_or_none, saved_modules
 from .peft_format import PEFT_CONFIG, PEFT_WEIGHTS, PREFIX, peft_loftq_config
 from .quant.linear4bit import COMPUTE_DTYPES, Linear4bit, dtype_name
 from .quant.nf4 import check_blocksize
@@ -55,29 +56,15 @@ ADAPTER_SUBFOLDER = "adapters"
 # ---------------------------------------------------------------------------------------------------------------
 # whole models
 # ---------------------------------------------------------------------------------------------------------------
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
-
-
-def _is_norm(module: nn.Module) -> bool:
-    # LayerNorm/GroupNorm and the many RMSNorm classes (LlamaRMSNorm, ...) — QLoRA keeps every "norm" in fp32
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
-
-
 #: what quantize() leaves in full precision when ``skip`` is not given (QLoRA's choice), where the model has it
 DEFAULT_SKIP = ("lm_head",)
-
-
-def _names_module(name: str, path: str) -> bool:
-    """``name`` is ``path``, a dotted suffix of it, or a regex matching all of it."""
-    return path == name or path.endswith("." + name) or re.fullmatch(name, path) is not None
 
 
 def _skipped(path: str, skip: Sequence[str]) -> bool:
     """``path`` or one of the modules containing it is named by a ``skip`` entry (a container skips its layers)."""
     parts = path.split(".")
     prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    return any(_names_module(name, prefix) for name in skip for prefix in prefixes)
+    return any(name_matches(name, prefix) for name in skip for prefix in prefixes)
 
 
 def _check_skip(model: nn.Module, skip: Sequence[str]) -> None:
@@ -90,7 +77,7 @@ def _check_skip(model: nn.Module, skip: Sequence[str]) -> None:
         except re.error as err:
             raise ValueError(f"quantize(skip=...): {name!r} is not a valid regular expression ({err}); give a "
                              "module name, a dotted path suffix, or a regex matching a whole module path") from None
-        if not any(_names_module(name, p) for p in paths):
+        if not any(name_matches(name, p) for p in paths):
             choices = sorted(set(paths) | {p.rsplit(".", 1)[-1] for p in paths})
             close = difflib.get_close_matches(name, choices, n=5, cutoff=0.6)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -109,13 +96,13 @@ def _quant_targets(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, nn.
         if isinstance(module, AdaptedLayer):
             skip_prefixes.append(path + ".")
             base = module.base
-            if (isinstance(base, nn.Linear) or _is_conv1d(base)) and not _skipped(path, skip):
+            if (isinstance(base, nn.Linear) or is_conv1d(base)) and not _skipped(path, skip):
                 if module.merged:
                     raise ValueError(f"{path} has merged adapters {module.merged}; unmerge them before quantize() "
                                      "(or use lorakit.quant.requantize on a merged, unloaded model)")
                 found.append((path, module, "adapted"))
             continue
-        if path and (isinstance(module, nn.Linear) or _is_conv1d(module)) and not _skipped(path, skip):
+        if path and (isinstance(module, nn.Linear) or is_conv1d(module)) and not _skipped(path, skip):
             found.append((path, module, "plain"))
     return found
 
@@ -178,7 +165,7 @@ def quantize(model: nn.Module, bits: int = 4, double_quant: bool = True, compute
             parent_path, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent_path) if parent_path else model, child, q)
     for module in model.modules():
-        if _is_norm(module):
+        if is_norm(module):
             for p in module.parameters(recurse=False):
                 p.data = p.data.float()
     return model
@@ -244,7 +231,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in _base_state(model).items()}
     dtypes = {k: dtype_name(v.dtype) for k, v in state.items()}
     meta = {"format": "lorakit-quant", "version": 1, "layers": layers, "dtypes": dtypes}
-    has_adapters = _registry(model) is not None
+    has_adapters = registry_or_none(model) is not None
 
     def write(folder: Path) -> None:
         save_file(state, str(folder / QUANT_WEIGHTS_FILE), metadata={"format": "lorakit-quant"})
@@ -270,7 +257,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, trainable: bool = 
     meta = json.loads(cfg_file.read_text())
     if meta.get("format") != "lorakit-quant":
         raise ValueError(f"{cfg_file}: not a lorakit quantised-model description")
-    if _registry(model) is not None:
+    if registry_or_none(model) is not None:
         raise ValueError("load_quantized needs a freshly built model without lorakit adapters")
     tensors = load_file(str(w_file))
     # build the 4-bit layers on the side
@@ -282,7 +269,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, trainable: bool = 
             raise ValueError(f"load_quantized: the model has no module {lpath!r} (different architecture?)") from None
         if isinstance(old, Linear4bit):
             shape = (old.out_features, old.in_features)
-        elif _is_conv1d(old):
+        elif is_conv1d(old):
             shape = (old.weight.shape[1], old.weight.shape[0])
         elif isinstance(old, nn.Linear):
             shape = tuple(old.weight.shape)
@@ -390,7 +377,7 @@ def requantize(model: nn.Module, sample: Any = None, warn: bool = True) -> dict[
         if layer.ops.quantized:
             base = layer.base
             settings[path] = (base.compute_dtype, base.blocksize, base.double_quant)
-    if _registry(model) is None or not settings:
+    if registry_or_none(model) is None or not settings:
         raise ValueError("requantize() needs a model with lorakit adapters on 4-bit (Linear4bit) layers")
 
     def run() -> torch.Tensor | None:
@@ -466,7 +453,7 @@ def requantize(model: nn.Module, sample: Any = None, warn: bool = True) -> dict[
         if layer.ops.quantized:
             base = layer.base
             settings[path] = (base.compute_dtype, base.blocksize, base.double_quant)
-    if _registry(model) is None or not settings:
+    if registry_or_none(model) is None or not settings:
         raise ValueError("requantize() needs a model with lorakit adapters on 4-bit (Linear4bit) layers")
 
     def run() -> torch.Tensor | None:
