@@ -430,7 +430,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
-    from ..io import _atomic_folder
+    from ..io import atomic_folder
     from ..io import save as save_adapters
     from ..model import _registry, adapted_layers
 
@@ -452,7 +452,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
         if has_adapters:
             save_adapters(model, folder / ADAPTER_SUBFOLDER)
 
-    _atomic_folder(Path(path), write)
+    atomic_folder(Path(path), write)
     return Path(path)
 
 
