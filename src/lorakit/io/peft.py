@@ -10,10 +10,10 @@ every other method whose change is exactly low-rank (LoRA-FA, PiSSA, SoRA, LoRA-
 LoRA with per-layer ranks and alphas; methods whose trained function cannot be expressed that way (Delta-LoRA moves
 the base weights) raise a clear error.
 
-AdaLoRA: PEFT keeps the initial rank ``init_r`` in the scaling ``alpha / (init_r + 1e-5)`` and describes pruned
-layers by ``rank_pattern`` = ``{"<path>.lora_E": [bool] * init_r}`` next to shrunk tensors. lorakit reads that as
-``r = init_r`` plus ``final_ranks`` (what its own ``finish()`` records), and writes pruned or smaller layers the same
-way, folding any per-layer scaling PEFT cannot express into ``λ``.
+Each method owns its translation (``peft_type``, ``to_peft``, ``reads_peft``/``from_peft`` on its strategy; plain
+dicts in and out, PEFT's LoRA as the default in :mod:`lorakit.methods.peft_lora`): this module reads and writes the
+files, splits and joins PEFT's keys (``base_model.model.<path>.<suffix>``), checks what every PEFT type shares
+(options lorakit lacks, the layers and heads named, LoftQ's base) and names the folder in every error.
 
 Several adapters use PEFT's own ``save_pretrained`` layout: ``"default"`` in the folder, every other adapter in a
 subfolder named after it (a single adapter always goes into the folder itself). :func:`lorakit.load` reads both
@@ -30,9 +30,7 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,6 +40,8 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..layers import AdaptedLayer, UnsupportedLayer, ops_for
+from ..methods import Adapter, available_methods, get_method
+from ..methods.peft_lora import PEFT_MODEL_PREFIX, peft_number
 from ..model import adapted_layers, registry, saved_copy
 from .files import SEP, AdapterLoadError, atomic_folder, check_save_target, read_safetensors
 from .loader import AdapterToLoad, choose_adapters, install_adapters
@@ -49,13 +49,8 @@ from .lorakit_format import CONFIG_FILE
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-PREFIX = "base_model.model."
+PREFIX = PEFT_MODEL_PREFIX
 
-#: per PEFT type: saved-key suffix -> lorakit tensor name (layer tensors)
-LORA_KEYS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B"}
-DORA_KEYS = {"lora_magnitude_vector": "magnitude"}
-VERA_KEYS = {"vera_lambda_b": "lambda_b", "vera_lambda_d": "lambda_d"}
-ADALORA_KEYS = {"lora_A": "A", "lora_B": "B", "lora_E": "E"}
 #: PEFT LoRA options (adapter_config.json keys) that change what the adapter computes and that lorakit does not
 #: implement, with the PEFT feature each one turns on; a folder setting any of them (to a truthy value) is refused
 PEFT_LORA_FEATURES = {
@@ -131,14 +126,6 @@ def read_peft_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     return cfg, tensors
 
 
-def _pattern_key(patterns: dict[str, Any] | None, path: str) -> str | None:
-    """PEFT's rule for rank_pattern/alpha_pattern keys: a regex matching the end of the path on a dot boundary."""
-    for key in patterns or {}:
-        if re.match(rf"(.*\.)?({key})$", path):
-            return key
-    return None
-
-
 def _split_layer_key(key: str, suffixes: dict[str, str]) -> tuple[str, str] | None:
     for suffix, name in suffixes.items():
         if key.endswith("." + suffix):
@@ -154,17 +141,18 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
         raise PeftFormatError(f"{folder}/{PEFT_CONFIG}: peft_type={peft_type!r} is missing or not a string; "
                               f"lorakit reads PEFT's LORA (incl. DoRA/rsLoRA), VERA and ADALORA adapters")
     peft_type = peft_type.upper()
-    if peft_type not in ("LORA", "ADALORA", "VERA"):
+    strategy = _peft_reader(peft_type, cfg)
+    if strategy is None:
         raise PeftFormatError(f"{folder}: PEFT method {peft_type} (peft_type={cfg['peft_type']!r}) is not supported "
                               f"by lorakit; lorakit reads PEFT's LORA (incl. DoRA/rsLoRA), VERA and ADALORA adapters")
-    if peft_type in ("LORA", "ADALORA", "VERA"):  # AdaLoRA's config extends LoRA's; VeRA has bias too
-        for option, feature in PEFT_LORA_FEATURES.items():
-            if cfg.get(option):
-                raise PeftFormatError(f"{folder}: the adapter uses PEFT's {feature} ({option}={cfg[option]!r}), "
-                                      f"which lorakit does not support")
-        if cfg.get("bias", "none") != "none":
-            raise PeftFormatError(f"{folder}: bias={cfg['bias']!r} (trained biases) is not supported; only "
-                                  f"bias='none' adapters load")
+    # every type lorakit reads is LoRA-shaped (AdaLoRA's config extends LoRA's; VeRA has bias too)
+    for option, feature in PEFT_LORA_FEATURES.items():
+        if cfg.get(option):
+            raise PeftFormatError(f"{folder}: the adapter uses PEFT's {feature} ({option}={cfg[option]!r}), "
+                                  f"which lorakit does not support")
+    if cfg.get("bias", "none") != "none":
+        raise PeftFormatError(f"{folder}: bias={cfg['bias']!r} (trained biases) is not supported; only "
+                              f"bias='none' adapters load")
     loftq = None
     if peft_type == "LORA":
         init = cfg.get("init_lora_weights", True)
@@ -177,21 +165,15 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
                 raise PeftFormatError(f"{folder}: init_lora_weights={init!r}: {PEFT_UNSUPPORTED_INITS[key]}; lorakit "
                                       f"does not support loading it.{hint}")
         loftq = peft_loftq_settings(cfg, folder)
-        method = "dora" if cfg.get("use_dora") else "lora"
-        suffixes = {**LORA_KEYS, **(DORA_KEYS if method == "dora" else {})}
-    elif peft_type == "VERA":
-        method, suffixes = "vera", VERA_KEYS
-    else:
-        method, suffixes = "adalora", ADALORA_KEYS
 
     layers: dict[str, dict[str, torch.Tensor]] = {}
     leftovers: dict[str, torch.Tensor] = {}
     shared: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        if method == "vera" and key in ("vera_A", "vera_B"):
+        if key in strategy.peft_shared_keys:
             shared[key] = t
             continue
-        hit = _split_layer_key(key, suffixes)
+        hit = _split_layer_key(key, strategy.peft_keys)
         if hit is None:
             leftovers[key] = t
         else:
@@ -230,16 +212,18 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
                                   f"modules_to_save {mts_names})")
         module_paths.setdefault(".".join(parts[:cut]), {})[".".join(parts[cut:])] = t
 
-    translate = {"lora": _lora_layers, "dora": _lora_layers, "vera": _vera_layers, "adalora": _adalora_layers}
     try:
-        config_kwargs, layer_tensors, shared_tensors = translate[method](cfg, layers, shared, model, folder)
+        config_kwargs, layer_tensors, shared_tensors = strategy.from_peft(
+            cfg, layers, shared, {path: _ops(model, path) for path in layers}, folder)
     except (RuntimeError, IndexError) as err:  # tensors whose shapes cannot be the saved method's
         raise PeftFormatError(f"{folder}: the {peft_type} tensors do not have the shapes PEFT writes for this "
                               f"model ({err})") from None
+    except ValueError as err:  # the strategy names the folder and the key
+        raise PeftFormatError(str(err)) from None
     dropout = cfg.get("lora_dropout", cfg.get("vera_dropout", 0.0)) or 0.0
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
         raise PeftFormatError(f"{folder}/{PEFT_CONFIG}: dropout={dropout!r} is not a number")
-    config_kwargs.update(method=method, targets=sorted(layers), modules_to_save=sorted(module_paths),
+    config_kwargs.update(method=strategy.method, targets=sorted(layers), modules_to_save=sorted(module_paths),
                          dropout=float(dropout))
     if loftq is not None:
         config_kwargs.update(init="loftq", loftq_iter=loftq["loftq_iter"])
@@ -261,18 +245,6 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
     return entry, out
 
 
-def _num(cfg: dict[str, Any], key: str, default: Any, folder: Path, kind: type = int, minimum: float = 1) -> Any:
-    """``cfg[key]`` (``default`` when absent) as ``kind``, or a PeftFormatError naming the key and the value."""
-    value = cfg.get(key, default)
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and value >= minimum and (kind is float or float(value).is_integer()))
-    if not ok:
-        want = "an integer" if kind is int else "a number"
-        raise PeftFormatError(f"{folder}/{PEFT_CONFIG}: {key}={value!r} is invalid; PEFT writes {want} >= {minimum} "
-                              f"there (fix or re-save the adapter with PEFT)")
-    return kind(value)
-
-
 def peft_loftq_settings(cfg: dict[str, Any], folder: Path) -> dict[str, int] | None:
     """The LoftQ settings of a PEFT LoRA folder, or None: ``init_lora_weights: "loftq"`` (PEFT's own save) or a
     non-empty ``loftq_config`` (lorakit's export, which keeps ``init_lora_weights: true`` so PEFT loads it onto its
@@ -291,7 +263,10 @@ def peft_loftq_settings(cfg: dict[str, Any], folder: Path) -> dict[str, int] | N
     if bits != 4 or isinstance(bits, bool):
         raise PeftFormatError(f"{folder}: the adapter is LoftQ with loftq_bits={bits!r}; lorakit's quantised bases "
                               f"are 4-bit NF4 only, so it does not support this adapter")
-    return {"loftq_bits": 4, "loftq_iter": _num(lcfg, "loftq_iter", 1, folder)}
+    try:
+        return {"loftq_bits": 4, "loftq_iter": peft_number(lcfg, "loftq_iter", 1, folder)}
+    except ValueError as err:
+        raise PeftFormatError(str(err)) from None
 
 
 def _check_peft_layer(model: nn.Module, path: str, folder: Path, loftq: dict[str, int] | None) -> None:
@@ -357,142 +332,6 @@ def _has_module(model: nn.Module, path: str) -> bool:
 def _ops(model: nn.Module, path: str):
     module = model.get_submodule(path)
     return module.ops if isinstance(module, AdaptedLayer) else ops_for(module)
-
-
-def _ranked_config(cfg: dict[str, Any], ranks: dict[str, int], default_r: int, default_alpha: float,
-                   rslora: bool) -> dict[str, Any]:
-    """lorakit rank/alpha patterns (exact paths) reproducing PEFT's per-layer ranks and alphas."""
-    alpha_patterns = cfg.get("alpha_pattern") or {}
-    if not isinstance(alpha_patterns, dict) or not all(
-            isinstance(k, str) and not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-            and v > 0 for k, v in alpha_patterns.items()):
-        raise PeftFormatError(f"{PEFT_CONFIG}: alpha_pattern={alpha_patterns!r} must map module-name regexes to "
-                              f"positive numbers")
-    rank_pattern, alpha_pattern = {}, {}
-    for path, r in ranks.items():
-        if r != default_r:
-            rank_pattern[path] = r
-        try:
-            key = _pattern_key(alpha_patterns, path)
-        except re.error as err:
-            raise PeftFormatError(f"{PEFT_CONFIG}: alpha_pattern has an invalid regex ({err})") from None
-        alpha = float(alpha_patterns[key]) if key is not None else float(default_alpha)
-        alpha_pattern[path] = alpha
-    return {"r": default_r, "alpha": float(default_alpha), "scaling": "rslora" if rslora else "standard",
-            "rank_pattern": rank_pattern or None, "alpha_pattern": alpha_pattern or None}
-
-
-def _lora_layers(cfg, layers, shared, model, folder):
-    ranks, out = {}, {}
-    for path, named in layers.items():
-        if "A" not in named or "B" not in named:
-            raise PeftFormatError(f"{folder}: layer {path} lacks lora_A or lora_B")
-        a, b = named["A"], named["B"]
-        ops = _ops(model, path)
-        r = a.shape[0] if a.dim() else 0
-        if a.dim() < 2 or b.dim() < 2 or b.numel() % max(r, 1) or not r:
-            a2 = b2 = a  # cannot be LoRA factors: reported below
-        elif ops.kind == "embedding":
-            # PEFT: A [r, num_embeddings], B [dim, r]; lorakit's embedding matrix is [dim, num_embeddings]
-            a2, b2 = a, b
-        else:
-            a2, b2 = a.reshape(r, -1), b.reshape(b.shape[0], -1)
-        if tuple(a2.shape) != (r, ops.in_features) or tuple(b2.shape) != (ops.out_features, r):
-            raise PeftFormatError(f"{folder}: layer {path} is {ops.out_features}x{ops.in_features} but the adapter "
-                                  f"has A {tuple(a.shape)}, B {tuple(b.shape)}")
-        ranks[path] = r
-        out[path] = {"A": a2, "B": b2}
-        if "magnitude" in named:
-            out[path]["magnitude"] = named["magnitude"].reshape(-1)
-    kwargs = _ranked_config(cfg, ranks, _num(cfg, "r", 8, folder), _num(cfg, "lora_alpha", 8, folder, float, 0),
-                            bool(cfg.get("use_rslora")))
-    return kwargs, out, {}
-
-
-def _vera_layers(cfg, layers, shared, model, folder):
-    out = {path: {"lambda_b": named["lambda_b"], "lambda_d": named["lambda_d"]} for path, named in layers.items()}
-    for path, named in layers.items():
-        if "lambda_b" not in named or "lambda_d" not in named:
-            raise PeftFormatError(f"{folder}: VeRA layer {path} lacks vera_lambda_b or vera_lambda_d")
-    kwargs = {"r": _num(cfg, "r", 256, folder), "d_initial": _num(cfg, "d_initial", 0.1, folder, float, 0),
-              "seed": _num(cfg, "projection_prng_key", 0, folder, int, 0), "save_projection": bool(shared)}
-    shared_out = {}
-    if shared:
-        shared_out = {"vera_A": shared["vera_A"], "vera_B": shared["vera_B"]}
-    return kwargs, out, shared_out
-
-
-def _adalora_masks(cfg: dict[str, Any], folder: Path) -> dict[str, list[bool]]:
-    """PEFT's ``rank_pattern`` after rank allocation: ``{"<path>.lora_E": [bool] * init_r}`` -> ``{path: mask}``."""
-    pattern = cfg.get("rank_pattern") or {}
-    if not isinstance(pattern, dict):
-        raise PeftFormatError(f"{folder}: AdaLoRA rank_pattern={pattern!r} must be a JSON object or null")
-    masks = {}
-    for key, mask in pattern.items():
-        if ".lora_E" not in key:
-            raise PeftFormatError(f"{folder}: AdaLoRA rank_pattern key {key!r} is not '<module path>.lora_E'")
-        if not isinstance(mask, list) or not all(isinstance(m, bool) for m in mask):
-            raise PeftFormatError(f"{folder}: AdaLoRA rank_pattern[{key!r}] must be a list of booleans (one per "
-                                  f"initial triplet); got {mask!r}")
-        path = key.split(".lora_E")[0]  # PEFT may leave the adapter name after it: "<path>.lora_E.default"
-        masks[path[len(PREFIX):] if path.startswith(PREFIX) else path] = mask
-    return masks
-
-
-def _adalora_layers(cfg, layers, shared, model, folder):
-    """PEFT AdaLoRA -> lorakit AdaLoRA: ``r = init_r`` always (it sets the scaling alpha/(init_r + 1e-5)); layers
-    pruned by rank allocation get their kept rank from ``final_ranks``, as lorakit's own ``finish()`` records it."""
-    init_r = _num(cfg, "init_r", 12, folder)
-    masks = _adalora_masks(cfg, folder)
-    unknown = sorted(set(masks) - set(layers))
-    if unknown:
-        raise PeftFormatError(f"{folder}: AdaLoRA rank_pattern names layers without adapter tensors: {unknown[:4]}")
-    out, final = {}, {}
-    for path, named in layers.items():
-        lacking = [k for k in ("A", "E", "B") if k not in named]
-        if lacking:
-            raise PeftFormatError(f"{folder}: AdaLoRA layer {path} lacks lora_{', lora_'.join(lacking)}")
-        ops = _ops(model, path)
-        if ops.kind == "embedding":
-            raise PeftFormatError(f"{folder}: AdaLoRA layer {path} is an embedding, which AdaLoRA does not adapt")
-        a, e, b = named["A"], named["E"], named["B"]
-        # explicit shapes: rank-0 layers have zero-size tensors, where a -1 dimension is ambiguous
-        a, e = a.reshape(a.shape[0], math.prod(a.shape[1:])), e.reshape(e.numel(), 1)
-        b = b.reshape(b.shape[0], math.prod(b.shape[1:]))
-        rows = a.shape[0]
-        mask = masks.get(path)
-        if mask is not None:
-            if len(mask) != init_r:
-                raise PeftFormatError(f"{folder}: AdaLoRA rank_pattern mask of {path} has {len(mask)} entries; "
-                                      f"init_r={init_r} needs one per initial triplet")
-            kept = sum(mask)
-            if rows == init_r and kept < init_r:  # full-size tensors next to a mask: keep the masked triplets
-                idx = torch.tensor(mask)
-                a, e, b, rows = a[idx], e[idx], b[:, idx], kept
-            if rows != kept:
-                raise PeftFormatError(f"{folder}: AdaLoRA layer {path} has {rows} triplets but its rank_pattern "
-                                      f"mask keeps {kept}")
-        elif rows != init_r:
-            raise PeftFormatError(f"{folder}: AdaLoRA layer {path} has {rows} triplets, init_r={init_r}, and no "
-                                  f"rank_pattern entry '{path}.lora_E' saying which were kept")
-        if (tuple(a.shape) != (rows, ops.in_features) or tuple(b.shape) != (ops.out_features, rows)
-                or e.shape[0] != rows):
-            raise PeftFormatError(f"{folder}: AdaLoRA layer {path} is {ops.out_features}x{ops.in_features} but the "
-                                  f"adapter has A {tuple(named['A'].shape)}, E {tuple(named['E'].shape)}, "
-                                  f"B {tuple(named['B'].shape)}")
-        out[path] = {"A": a, "E": e, "B": b}
-        final[path] = rows
-    alpha = _num({"lora_alpha": cfg.get("lora_alpha", 8) or 0}, "lora_alpha", 8, folder, float, 0)
-    target_r = _num(cfg, "target_r", 8, folder)
-    kwargs = dict(r=init_r, alpha=alpha if alpha > 0 else float(init_r),  # PEFT: lora_alpha, or r when it is 0
-                  final_ranks=final if masks else None,
-                  # a finished adapter no longer uses target_r; keep it valid for lorakit's checks
-                  target_r=min(target_r, init_r) if masks else target_r,
-                  total_steps=cfg.get("total_step"), t_init=_num(cfg, "tinit", 0, folder, int, 0),
-                  t_final=_num(cfg, "tfinal", 0, folder, int, 0), delta_t=_num(cfg, "deltaT", 1, folder),
-                  beta1=_num(cfg, "beta1", 0.85, folder, float, 0), beta2=_num(cfg, "beta2", 0.85, folder, float, 0),
-                  orth_reg=_num(cfg, "orth_reg_weight", 0.5, folder, float, 0))
-    return kwargs, out, {}
 
 
 def peft_adapter_folders(path: str | os.PathLike) -> dict[str, Path]:
@@ -671,120 +510,29 @@ def _base_config(config: AdapterConfig, entries, peft_type: str) -> dict[str, An
 
 
 def _peft_payload(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    config = registry(model).configs[name]
+    """Adapter ``name`` as PEFT's config and tensors: its strategy translates it (plain dicts), this adds PEFT's
+    common config fields and key prefixes."""
+    reg = registry(model)
+    config = reg.configs[name]
     entries = _layer_entries(model, name)
-    method = config.method
-    if method == "delta_lora":
-        raise ValueError(f"adapter {name!r} is Delta-LoRA, which moves the base weights themselves (W += λ·s·Δ(BA) "
-                         f"after every step); PEFT's format holds only adapter tensors for the original base weights, "
-                         f"so it cannot express that. Merge it and export the full model instead (lorakit export / "
-                         f"lorakit.unload(model, merge=True)), or save it in lorakit's format")
-    shifted = [p for p, _, a in entries if a.base_shift() is not None and not getattr(a, "init", "") in
-               ("pissa", "pissa_fast")]
-    if shifted:
-        raise ValueError(f"adapter {name!r} ({method}) changed the base weights of {len(shifted)} layer(s); PEFT's "
-                         f"format cannot express that. Merge it and export the full model instead "
-                         f"(lorakit export / lorakit.unload(merge=True))")
-    mts = registry(model).modules_to_save.get(name, [])
+    strategy = get_method(config.method)
+    if strategy.peft_type is None:
+        raise ValueError(f"adapter {name!r} is {strategy.peft_refusal}")
+    method_cfg, layers, shared = strategy.to_peft(name, config, entries, reg.shared.get(name))
     tensors = _module_tensors(model, name)
-    if method == "vera":
-        return _vera_payload(model, name, config, entries, tensors, mts)
-    if method == "adalora":
-        return _adalora_payload(config, entries, tensors, mts)
-    native = method in ("lora", "dora") and getattr(entries[0][2], "init", "kaiming") not in ("pissa", "pissa_fast")
-    cfg = _base_config(config, entries, "LORA")
-    ranks, alphas = {}, {}
-    for path, layer, adapter in entries:
-        if native:
-            a, b, s = adapter.A.detach().float(), adapter.B.detach().float(), adapter.scaling
-        else:
-            try:
-                a, b, s = (t.detach().float() if torch.is_tensor(t) else t for t in adapter.as_lora_factors())
-            except ValueError as exc:
-                raise ValueError(f"adapter {name!r} ({method}) cannot be written as PEFT LoRA: {exc}") from None
-        r = a.shape[0]
-        ranks[path] = r
-        # PEFT computes s from (alpha, r) per layer: choose alpha so that its s equals ours exactly
-        alphas[path] = s * (math.sqrt(r) if (native and config.scaling == "rslora") else r)
-        kind = layer.ops.kind
-        if kind == "embedding":
-            tensors[f"{PREFIX}{path}.lora_embedding_A"] = a.contiguous().clone()
-            tensors[f"{PREFIX}{path}.lora_embedding_B"] = b.contiguous().clone()
-        else:
-            if kind == "conv2d":
-                w = layer.base.weight
-                a = a.reshape(r, *w.shape[1:])
-                b = b.reshape(b.shape[0], r, 1, 1)
-            # own copies: LoRA-drop layers share one pair, and safetensors refuses tensors sharing memory
-            tensors[f"{PREFIX}{path}.lora_A.weight"] = a.contiguous().clone()
-            tensors[f"{PREFIX}{path}.lora_B.weight"] = b.contiguous().clone()
-        if method == "dora":
-            m = adapter.magnitude.detach().float()
-            # PEFT keeps a conv magnitude as [1, out, 1, 1] (broadcast over the output map), a linear one as [out]
-            m = m.reshape(1, -1, 1, 1) if kind == "conv2d" else m.reshape(-1)
-            tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = m.contiguous().clone()
-    default_r = max(set(ranks.values()), key=list(ranks.values()).count)
-    default_alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    if config.init == "loftq":
-        # PEFT's record of a LoftQ adapter; init_lora_weights stays true so PEFT does not re-run LoftQ on load
-        cfg["loftq_config"] = {"loftq_bits": 4, "loftq_iter": int(config.loftq_iter)}
-    cfg.update(r=default_r, lora_alpha=default_alpha, use_rslora=bool(native and config.scaling == "rslora"),
-               use_dora=method == "dora", lora_dropout=float(config.dropout), init_lora_weights=True,
-               rank_pattern={re.escape(p): r for p, r in ranks.items() if r != default_r},
-               alpha_pattern={re.escape(p): a for p, a in alphas.items() if a != default_alpha},
-               modules_to_save=list(mts) or None)
+    # own copies: LoRA-drop layers share one pair, and safetensors refuses tensors sharing memory
+    for path, named in layers.items():
+        for suffix, t in named.items():
+            tensors[f"{PREFIX}{path}.{suffix}"] = t.contiguous().clone()
+    for tname, t in shared.items():  # VeRA's shared pair lives on PEFT's tuner, not in the model
+        tensors[f"base_model.{tname}"] = t.contiguous().clone()
+    cfg = _base_config(config, entries, strategy.peft_type)
+    cfg.update(method_cfg)
+    cfg["modules_to_save"] = list(reg.modules_to_save.get(name, [])) or None
     return cfg, tensors
 
 
-def _vera_payload(model, name, config, entries, tensors, mts):
-    bad = [p for p, layer, _ in entries if layer.ops.kind not in ("linear", "conv1d")]
-    if bad:
-        raise ValueError(f"VeRA adapter {name!r} adapts {bad[:3]}, which are not Linear/Conv1D layers; PEFT's VeRA "
-                         f"adapts only those, so it cannot be written in PEFT's format")
-    cfg = _base_config(config, entries, "VERA")
-    shared = registry(model).shared.get(name)
-    if shared is None:
-        raise ValueError(f"VeRA adapter {name!r} has no shared projections")
-    state = shared.state_dict()
-    if config.save_projection:
-        tensors["base_model.vera_A"] = state["vera_A"].detach().float().contiguous().clone()
-        tensors["base_model.vera_B"] = state["vera_B"].detach().float().contiguous().clone()
-    for path, _, adapter in entries:
-        tensors[f"{PREFIX}{path}.vera_lambda_b"] = adapter.lambda_b.detach().float().contiguous().clone()
-        tensors[f"{PREFIX}{path}.vera_lambda_d"] = adapter.lambda_d.detach().float().contiguous().clone()
-    cfg.update(r=config.r, projection_prng_key=int(config.seed or 0), save_projection=bool(config.save_projection),
-               vera_dropout=float(config.dropout), d_initial=float(config.d_initial), init_weights=True,
-               modules_to_save=list(mts) or None)
-    return cfg, tensors
-
-
-def _adalora_payload(config, entries, tensors, mts):
-    """lorakit AdaLoRA -> PEFT AdaLoRA. PEFT gives every layer ``init_r`` triplets and the scaling
-    ``lora_alpha / (init_r + 1e-5)``; a layer with fewer triplets (pruned by ``finish()``, or a smaller initial
-    rank) is written shrunk with a ``rank_pattern`` bool mask of length ``init_r`` (PEFT's own layout after rank
-    allocation, which resizes its modules on load), and a layer whose scaling differs from PEFT's single one has the
-    ratio folded into ``λ`` (``E``) — the same function either way."""
-    bad = [p for p, layer, _ in entries if layer.ops.kind == "embedding"]
-    if bad:
-        raise ValueError(f"AdaLoRA adapter on embedding layer(s) {bad[:3]} cannot be written for PEFT, whose AdaLoRA "
-                         f"adapts Linear, Conv1D and Conv2d layers only")
-    cfg = _base_config(config, entries, "ADALORA")
-    init_r = max(a.r_init for _, _, a in entries)
-    alphas = [a.alpha for _, _, a in entries]
-    alpha = max(set(alphas), key=alphas.count)
-    peft_scaling = alpha / (init_r + 1e-5)
-    rank_pattern = {}
-    for path, _, adapter in entries:
-        e = adapter.E.detach().float()
-        if adapter.scaling != peft_scaling:
-            e = e * (adapter.scaling / peft_scaling)
-        for name, t in (("lora_A", adapter.A.detach().float()), ("lora_E", e), ("lora_B", adapter.B.detach().float())):
-            tensors[f"{PREFIX}{path}.{name}"] = t.contiguous().clone()
-        if adapter.r < init_r:
-            rank_pattern[f"{path}.lora_E"] = [True] * adapter.r + [False] * (init_r - adapter.r)
-    # r is unused by PEFT's AdaLoRA (it warns unless r is its default, 8)
-    cfg.update(r=8, init_r=init_r, target_r=int(config.target_r), lora_alpha=alpha, total_step=config.total_steps,
-               tinit=config.t_init, tfinal=config.t_final, deltaT=config.delta_t, beta1=config.beta1,
-               beta2=config.beta2, orth_reg_weight=config.orth_reg, lora_dropout=float(config.dropout),
-               rank_pattern=rank_pattern or None, init_lora_weights=True, modules_to_save=list(mts) or None)
-    return cfg, tensors
+def _peft_reader(peft_type: str, cfg: dict[str, Any]) -> type[Adapter] | None:
+    """The registered strategy that reads PEFT adapters of this type and config, or None."""
+    readers = [cls for cls in map(get_method, available_methods()) if cls.reads_peft(peft_type, cfg)]
+    return readers[0] if readers else None

@@ -8,7 +8,8 @@ the original weights.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .base import Adapter, kaiming_uniform
+from .peft_lora import lora_from_peft, lora_to_peft
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import AdapterConfig
@@ -251,3 +253,28 @@ class LoraAdapter(Adapter):
         a = torch.cat([self.A.detach(), self.A0], dim=0)
         b = torch.cat([self.B.detach(), -self.B0], dim=1)
         return a, b, self.scaling
+
+    # -- PEFT's format ------------------------------------------------------------------------------------------
+    #: written with the config's own rank and scaling rule (rsLoRA stays rsLoRA); a subclass whose factors come
+    #: from :meth:`as_lora_factors` instead sets False
+    peft_native: ClassVar[bool] = True
+
+    @classmethod
+    def to_peft(cls, name: str, config: "AdapterConfig", entries: list, shared: nn.Module | None
+                ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        # PiSSA's base shift is part of its factors (the rank-2r conversion of as_lora_factors)
+        native = cls.peft_native and not any(a.shifts_base for _, _, a in entries)
+        cfg, layers = lora_to_peft(name, cls.method, config, entries, native)
+        return cfg, layers, {}
+
+    @classmethod
+    def reads_peft(cls, peft_type: str, cfg: dict[str, Any]) -> bool:
+        # PEFT's plain LORA comes back as plain LoRA (not as a subclass written as LORA, like LoRA-FA)
+        return cls is LoraAdapter and peft_type == "LORA" and not cfg.get("use_dora")
+
+    @classmethod
+    def from_peft(cls, cfg: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]],
+                  shared: dict[str, torch.Tensor], ops: dict[str, "LayerOps"], folder: Path
+                  ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        kwargs, out = lora_from_peft(cfg, layers, ops, folder)
+        return kwargs, out, {}
