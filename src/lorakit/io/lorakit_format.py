@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import AdapterConfig
+from ..methods import get_method
 from ..model import _check_name, adapted_layers, registry, saved_copy
 from .files import (SEP, AdapterLoadError, atomic_folder, check_save_target, full_tensor, read_safetensors,
                     write_new_file)
@@ -84,8 +85,8 @@ def save_lorakit(model: nn.Module, path: str | os.PathLike, names: Sequence[str]
     for name in names:
         config = reg.configs[name]
         state = adapter_state(model, name)
-        if convert_pissa and config.init in ("pissa", "pissa_fast"):
-            config, state = _pissa_as_lora(model, name, state)
+        if convert_pissa:
+            config, state = _as_plain_lora(model, name, config, state)
         for key, t in state.items():
             tensors[key] = full_tensor(t).detach().to("cpu").contiguous().clone()
         meta["adapters"][name] = {
@@ -110,21 +111,20 @@ def save_lorakit(model: nn.Module, path: str | os.PathLike, names: Sequence[str]
     return Path(path)
 
 
-def _pissa_as_lora(model: nn.Module, name: str, state: dict[str, torch.Tensor]):
-    """Rewrite a PiSSA adapter's tensors and config as a plain LoRA of rank 2r on the original weights."""
-    reg = registry(model)
-    config = reg.configs[name]
+def _as_plain_lora(model: nn.Module, name: str, config: AdapterConfig, state: dict[str, torch.Tensor]
+                   ) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Adapter ``name``'s config and tensors as the plain LoRA its strategy converts it to (PiSSA's rank-2r form);
+    unchanged when the strategy has no other form."""
+    entries = [(path, layer, layer.adapters[name]) for path, layer in adapted_layers(model) if name in layer.adapters]
+    plain = get_method(config.method).as_plain_lora(config, entries)
+    if plain is None:
+        return config, state
+    new_config, layers = plain
     out = {k: v for k, v in state.items() if k.split(SEP)[1] != "layer"}
-    ranks, alphas = {}, {}
-    for path, layer in adapted_layers(model):
-        if name in layer.adapters:
-            a, b, s = layer.adapters[name].as_lora_factors()
-            out[_key(name, "layer", path, "A")] = a
-            out[_key(name, "layer", path, "B")] = b
-            ranks[path], alphas[path] = a.shape[0], s * a.shape[0]
-    new = config.replace(init="kaiming", scaling="standard", r=max(ranks.values()), alpha=None,
-                         rank_pattern=ranks, alpha_pattern=alphas)
-    return new, out
+    for path, named in layers.items():
+        for tname, t in named.items():
+            out[_key(name, "layer", path, tname)] = t
+    return new_config, out
 
 
 def _json_default(obj: Any) -> Any:

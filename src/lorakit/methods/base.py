@@ -245,6 +245,13 @@ class Adapter(nn.Module):
         return cfg, layers, {}
 
     @classmethod
+    def as_plain_lora(cls, config: "AdapterConfig", entries: list
+                      ) -> tuple["AdapterConfig", dict[str, dict[str, torch.Tensor]]] | None:
+        """For ``save(convert_pissa=True)``: this adapter as a plain LoRA on the original base weights (its config
+        and ``{layer path: {"A": .., "B": ..}}``), or None when it is saved as it is. Default: None."""
+        return None
+
+    @classmethod
     def reads_peft(cls, peft_type: str, cfg: dict[str, Any]) -> bool:
         """True if this strategy reads PEFT adapters of ``peft_type`` with config ``cfg`` (one registered strategy
         does for every type lorakit reads)."""

@@ -268,6 +268,22 @@ class LoraAdapter(Adapter):
         return cfg, layers, {}
 
     @classmethod
+    def as_plain_lora(cls, config: "AdapterConfig", entries: list
+                      ) -> tuple["AdapterConfig", dict[str, dict[str, torch.Tensor]]] | None:
+        """A PiSSA adapter as the plain LoRA of rank 2r ``s·[B | -B0]·[A ; A0]`` on the original weights, usable by
+        any LoRA loader (methods.md §12); None for every other init (already plain LoRA)."""
+        if config.init not in PISSA_INITS:
+            return None
+        layers, ranks, alphas = {}, {}, {}
+        for path, _, adapter in entries:
+            a, b, s = adapter.as_lora_factors()
+            layers[path] = {"A": a, "B": b}
+            ranks[path], alphas[path] = a.shape[0], s * a.shape[0]
+        plain = config.replace(init="kaiming", scaling="standard", r=max(ranks.values()), alpha=None,
+                               rank_pattern=ranks, alpha_pattern=alphas)
+        return plain, layers
+
+    @classmethod
     def reads_peft(cls, peft_type: str, cfg: dict[str, Any]) -> bool:
         # PEFT's plain LORA comes back as plain LoRA (not as a subclass written as LORA, like LoRA-FA)
         return cls is LoraAdapter and peft_type == "LORA" and not cfg.get("use_dora")
