@@ -21,7 +21,9 @@ from torch import nn
 
 import lorakit
 import lorakit.io as lkio
-import lorakit.peft_format as lkpeft
+import lorakit.io.loader as lkload
+import lorakit.io.lorakit_format as lkformat
+import lorakit.io.peft as lkpeft
 from lorakit import AdapterConfig, AdapterLoadError
 
 X = torch.randn(5, 6, generator=torch.Generator().manual_seed(7))
@@ -205,7 +207,7 @@ class Injector:
         self.armed = False
         for prim in self.PRIMS:
             if prim == "save_file":
-                for mod in (lkio, lkpeft):
+                for mod in (lkformat, lkpeft):
                     monkeypatch.setattr(mod, "save_file", self._wrap(prim, getattr(mod, "save_file")))
             else:
                 monkeypatch.setattr(os, prim[3:], self._wrap(prim, getattr(os, prim[3:])))
@@ -318,7 +320,7 @@ def test_no_temporaries_left_after_a_failed_serialisation(tmp_path, monkeypatch)
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(lkio, "save_file", boom)
+    monkeypatch.setattr(lkformat, "save_file", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         lorakit.save(net, tmp_path / "ad")
     assert list(tmp_path.iterdir()) == []
@@ -589,7 +591,7 @@ def test_a_failure_after_the_first_adapter_is_committed_rolls_back_exactly(tmp_p
     net = adapted(names=("pre",))
     lorakit.set_trainable(net, "pre", True)
     before = model_state(net)
-    real, calls = lkio.commit_plan, [0]
+    real, calls = lkload.commit_plan, [0]
 
     def flaky(*args, **kwargs):
         calls[0] += 1
@@ -597,7 +599,7 @@ def test_a_failure_after_the_first_adapter_is_committed_rolls_back_exactly(tmp_p
             raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of a load
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lkio, "commit_plan", flaky)
+    monkeypatch.setattr(lkload, "commit_plan", flaky)
     with pytest.raises(KeyboardInterrupt):
         lorakit.load(net, folder, trainable=True)
     assert calls[0] == 2

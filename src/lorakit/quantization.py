@@ -37,14 +37,14 @@ from torch import nn
 
 from .config import AdapterConfig, name_matches
 from .io import CONFIG_FILE
-from .io import _atomic_folder  # io's folder primitive (becoming public with the io package)
+from .io import atomic_folder
 from .io import load as load_adapters
 from .io import save as save_adapters
 from .layers import AdaptedLayer, is_conv1d, is_norm, ops_for
 from .methods import get_method
 from .model import unload
 from .registry import adapted_layers, registry_or_none, saved_modules
-from .peft_format import PEFT_CONFIG, PEFT_WEIGHTS, PREFIX, peft_loftq_config
+from .io.peft import PEFT_CONFIG, PEFT_WEIGHTS, PREFIX, peft_loftq_settings
 from .quant.linear4bit import COMPUTE_DTYPES, Linear4bit, dtype_name
 from .quant.nf4 import check_blocksize
 
@@ -239,7 +239,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
         if has_adapters:
             save_adapters(model, folder / ADAPTER_SUBFOLDER)
 
-    _atomic_folder(Path(path), write)
+    atomic_folder(Path(path), write)
     return Path(path)
 
 
@@ -580,7 +580,7 @@ def _required_base(entry: dict[str, Any]) -> dict[str, Any] | None:
 def _peft_loftq_entries(folder: Path) -> list[dict[str, Any]]:
     """A PEFT LoftQ folder as :func:`quantize_for_adapter` entries (layers read from the tensor names)."""
     cfg = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
-    settings = peft_loftq_config(cfg, folder) if isinstance(cfg, dict) else None
+    settings = peft_loftq_settings(cfg, folder) if isinstance(cfg, dict) else None
     if settings is None:
         return []
     with safe_open(str(folder / PEFT_WEIGHTS), "pt") as fh:

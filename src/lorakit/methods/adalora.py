@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,6 +45,7 @@ from torch import nn
 
 from .base import Adapter
 from .lora import can_fuse, fused_low_rank
+from .peft_lora import PEFT_MODEL_PREFIX, peft_number
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import AdapterConfig
@@ -397,9 +399,129 @@ class AdaLoraAdapter(Adapter):
                 if n in _SCORE_BUFFERS + _MASK_BUFFERS:
                     setattr(a, n, t.to(a.E.device, copy=True))
 
+    # -- PEFT's format: ADALORA ---------------------------------------------------------------------------------
+    # PEFT gives every layer ``init_r`` triplets and the scaling ``lora_alpha / (init_r + 1e-5)``, and describes
+    # pruned layers by ``rank_pattern`` = ``{"<path>.lora_E": [bool] * init_r}`` next to shrunk tensors. lorakit
+    # reads that as ``r = init_r`` plus ``final_ranks`` (what its own ``finish()`` records), and writes pruned or
+    # smaller layers the same way, folding any per-layer scaling PEFT cannot express into ``λ``.
+    peft_type = "ADALORA"
+    peft_keys = {"lora_A": "A", "lora_B": "B", "lora_E": "E"}
+
+    @classmethod
+    def reads_peft(cls, peft_type: str, cfg: dict[str, Any]) -> bool:
+        return peft_type == "ADALORA"
+
+    @classmethod
+    def to_peft(cls, name: str, config: "AdapterConfig", entries: list, shared: nn.Module | None
+                ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """A layer with fewer triplets than ``init_r`` (pruned by ``finish()``, or a smaller initial rank) is
+        written shrunk with a ``rank_pattern`` bool mask of length ``init_r`` (PEFT's own layout after rank
+        allocation, which resizes its modules on load), and a layer whose scaling differs from PEFT's single one
+        has the ratio folded into ``λ`` (``E``): the same function either way."""
+        bad = [p for p, layer, _ in entries if layer.ops.kind == "embedding"]
+        if bad:
+            raise ValueError(f"AdaLoRA adapter on embedding layer(s) {bad[:3]} cannot be written for PEFT, whose "
+                             f"AdaLoRA adapts Linear, Conv1D and Conv2d layers only")
+        init_r = max(a.r_init for _, _, a in entries)
+        alphas = [a.alpha for _, _, a in entries]
+        alpha = max(set(alphas), key=alphas.count)
+        peft_scaling = alpha / (init_r + 1e-5)
+        rank_pattern, layers = {}, {}
+        for path, _, adapter in entries:
+            e = adapter.E.detach().float()
+            if adapter.scaling != peft_scaling:
+                e = e * (adapter.scaling / peft_scaling)
+            layers[path] = {"lora_A": adapter.A.detach().float(), "lora_E": e, "lora_B": adapter.B.detach().float()}
+            if adapter.r < init_r:
+                rank_pattern[f"{path}.lora_E"] = [True] * adapter.r + [False] * (init_r - adapter.r)
+        # r is unused by PEFT's AdaLoRA (it warns unless r is its default, 8)
+        cfg = dict(r=8, init_r=init_r, target_r=int(config.target_r), lora_alpha=alpha, total_step=config.total_steps,
+                   tinit=config.t_init, tfinal=config.t_final, deltaT=config.delta_t, beta1=config.beta1,
+                   beta2=config.beta2, orth_reg_weight=config.orth_reg, lora_dropout=float(config.dropout),
+                   rank_pattern=rank_pattern or None, init_lora_weights=True)
+        return cfg, layers, {}
+
+    @classmethod
+    def from_peft(cls, cfg: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]],
+                  shared: dict[str, torch.Tensor], ops: dict[str, "LayerOps"], folder: Path
+                  ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """``r = init_r`` always (it sets the scaling alpha/(init_r + 1e-5)); layers pruned by rank allocation get
+        their kept rank from ``final_ranks``, as lorakit's own ``finish()`` records it."""
+        init_r = peft_number(cfg, "init_r", 12, folder)
+        masks = _peft_rank_masks(cfg, folder)
+        unknown = sorted(set(masks) - set(layers))
+        if unknown:
+            raise ValueError(f"{folder}: AdaLoRA rank_pattern names layers without adapter tensors: {unknown[:4]}")
+        out, final = {}, {}
+        for path, named in layers.items():
+            lacking = [k for k in ("A", "E", "B") if k not in named]
+            if lacking:
+                raise ValueError(f"{folder}: AdaLoRA layer {path} lacks lora_{', lora_'.join(lacking)}")
+            layer_ops = ops[path]
+            if layer_ops.kind == "embedding":
+                raise ValueError(f"{folder}: AdaLoRA layer {path} is an embedding, which AdaLoRA does not adapt")
+            a, e, b = named["A"], named["E"], named["B"]
+            # explicit shapes: rank-0 layers have zero-size tensors, where a -1 dimension is ambiguous
+            a, e = a.reshape(a.shape[0], math.prod(a.shape[1:])), e.reshape(e.numel(), 1)
+            b = b.reshape(b.shape[0], math.prod(b.shape[1:]))
+            rows = a.shape[0]
+            mask = masks.get(path)
+            if mask is not None:
+                if len(mask) != init_r:
+                    raise ValueError(f"{folder}: AdaLoRA rank_pattern mask of {path} has {len(mask)} entries; "
+                                     f"init_r={init_r} needs one per initial triplet")
+                kept = sum(mask)
+                if rows == init_r and kept < init_r:  # full-size tensors next to a mask: keep the masked triplets
+                    idx = torch.tensor(mask)
+                    a, e, b, rows = a[idx], e[idx], b[:, idx], kept
+                if rows != kept:
+                    raise ValueError(f"{folder}: AdaLoRA layer {path} has {rows} triplets but its rank_pattern "
+                                     f"mask keeps {kept}")
+            elif rows != init_r:
+                raise ValueError(f"{folder}: AdaLoRA layer {path} has {rows} triplets, init_r={init_r}, and no "
+                                 f"rank_pattern entry '{path}.lora_E' saying which were kept")
+            if (tuple(a.shape) != (rows, layer_ops.in_features) or tuple(b.shape) != (layer_ops.out_features, rows)
+                    or e.shape[0] != rows):
+                raise ValueError(f"{folder}: AdaLoRA layer {path} is {layer_ops.out_features}x"
+                                 f"{layer_ops.in_features} but the adapter has A {tuple(named['A'].shape)}, "
+                                 f"E {tuple(named['E'].shape)}, B {tuple(named['B'].shape)}")
+            out[path] = {"A": a, "E": e, "B": b}
+            final[path] = rows
+        alpha = peft_number({"lora_alpha": cfg.get("lora_alpha", 8) or 0}, "lora_alpha", 8, folder, float, 0)
+        target_r = peft_number(cfg, "target_r", 8, folder)
+        kwargs = dict(r=init_r, alpha=alpha if alpha > 0 else float(init_r),  # PEFT: lora_alpha, or r when it is 0
+                      final_ranks=final if masks else None,
+                      # a finished adapter no longer uses target_r; keep it valid for lorakit's checks
+                      target_r=min(target_r, init_r) if masks else target_r,
+                      total_steps=cfg.get("total_step"), t_init=peft_number(cfg, "tinit", 0, folder, int, 0),
+                      t_final=peft_number(cfg, "tfinal", 0, folder, int, 0),
+                      delta_t=peft_number(cfg, "deltaT", 1, folder),
+                      beta1=peft_number(cfg, "beta1", 0.85, folder, float, 0),
+                      beta2=peft_number(cfg, "beta2", 0.85, folder, float, 0),
+                      orth_reg=peft_number(cfg, "orth_reg_weight", 0.5, folder, float, 0))
+        return kwargs, out, {}
+
     def extra_repr(self) -> str:
         return f"method=adalora, r={self.r}, r_init={self.r_init}, scaling={self.scaling:g}"
 
+
+
+def _peft_rank_masks(cfg: dict[str, Any], folder: Path) -> dict[str, list[bool]]:
+    """PEFT's AdaLoRA ``rank_pattern`` after rank allocation: ``{"<path>.lora_E": [bool] * init_r}`` ->
+    ``{path: mask}``."""
+    pattern = cfg.get("rank_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise ValueError(f"{folder}: AdaLoRA rank_pattern={pattern!r} must be a JSON object or null")
+    masks = {}
+    for key, mask in pattern.items():
+        if ".lora_E" not in key:
+            raise ValueError(f"{folder}: AdaLoRA rank_pattern key {key!r} is not '<module path>.lora_E'")
+        if not isinstance(mask, list) or not all(isinstance(m, bool) for m in mask):
+            raise ValueError(f"{folder}: AdaLoRA rank_pattern[{key!r}] must be a list of booleans (one per "
+                             f"initial triplet); got {mask!r}")
+        path = key.split(".lora_E")[0]  # PEFT may leave the adapter name after it: "<path>.lora_E.default"
+        masks[path[len(PEFT_MODEL_PREFIX):] if path.startswith(PEFT_MODEL_PREFIX) else path] = mask
+    return masks
 
 def rank_report(model: nn.Module, name: str = "default") -> dict[str, int]:
     """Kept rank per layer of AdaLoRA adapter ``name`` (final after ``finish``; the current mask before).

@@ -14,11 +14,13 @@ methods. The defaults here are plain LoRA-shaped behaviour, so a method override
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
+from .peft_lora import LORA_KEYS, lora_to_peft
 from .watch import watch_adapter
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -217,6 +219,52 @@ class Adapter(nn.Module):
         strategy holds (:func:`lorakit.methods.combine_adapters` picks the rule). A method whose layer function is
         not linear in its factors (DoRA) overrides this."""
         return None
+
+    # -- PEFT's format: plain dicts in and out; lorakit.io.peft adds PEFT's key prefixes and wraps errors --------
+    #: PEFT ``peft_type`` the method is written as; None: it cannot be written in PEFT's format (``peft_refusal``
+    #: says why, after "adapter '<name>' is ")
+    peft_type: ClassVar[str | None] = "LORA"
+    peft_refusal: ClassVar[str] = ""
+    #: PEFT key suffix -> tensor name, for the layer tensors ``from_peft`` reads
+    peft_keys: ClassVar[dict[str, str]] = LORA_KEYS
+    #: PEFT keys of tensors shared by all layers (no layer path; VeRA's projections)
+    peft_shared_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def to_peft(cls, name: str, config: "AdapterConfig", entries: list, shared: nn.Module | None
+                ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """Adapter ``name`` in PEFT's terms: its config entries, ``{layer path: {PEFT suffix: tensor}}`` and its
+        shared tensors. ``entries`` = [(layer_path, AdaptedLayer, Adapter), ...]. Default: plain LoRA from
+        :meth:`as_lora_factors`, with a rank and an alpha per layer (PEFT stores LoRA-FA, SoRA, LoRA-drop so)."""
+        shifted = [p for p, _, a in entries if a.base_shift() is not None]
+        if shifted:
+            raise ValueError(f"adapter {name!r} ({cls.method}) changed the base weights of {len(shifted)} layer(s); "
+                             f"PEFT's format cannot express that. Merge it and export the full model instead "
+                             f"(lorakit export / lorakit.unload(merge=True))")
+        cfg, layers = lora_to_peft(name, cls.method, config, entries, native=False)
+        return cfg, layers, {}
+
+    @classmethod
+    def as_plain_lora(cls, config: "AdapterConfig", entries: list
+                      ) -> tuple["AdapterConfig", dict[str, dict[str, torch.Tensor]]] | None:
+        """For ``save(convert_pissa=True)``: this adapter as a plain LoRA on the original base weights (its config
+        and ``{layer path: {"A": .., "B": ..}}``), or None when it is saved as it is. Default: None."""
+        return None
+
+    @classmethod
+    def reads_peft(cls, peft_type: str, cfg: dict[str, Any]) -> bool:
+        """True if this strategy reads PEFT adapters of ``peft_type`` with config ``cfg`` (one registered strategy
+        does for every type lorakit reads)."""
+        return False
+
+    @classmethod
+    def from_peft(cls, cfg: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]],
+                  shared: dict[str, torch.Tensor], ops: dict[str, "LayerOps"], folder: Path
+                  ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """A PEFT adapter (``layers`` named by :attr:`peft_keys`, ``shared`` by :attr:`peft_shared_keys`) as
+        AdapterConfig keyword arguments, ``{layer path: {tensor name: tensor}}`` and shared tensors; ValueError
+        naming ``folder`` and the key when it cannot be read."""
+        raise ValueError(f"{folder}: method {cls.method!r} does not read PEFT adapters")
 
     # -- bookkeeping --------------------------------------------------------------------------------------------
     def is_trainable(self, param_name: str) -> bool:

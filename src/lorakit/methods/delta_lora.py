@@ -61,6 +61,11 @@ class DeltaLoraAdapter(LoraAdapter):
     needs_hooks = True
     shardable = False  # its hooks index, prune or copy whole tensors; FSDP holds shards (DDP is tested)
     shifts_base = True
+    peft_type = None
+    peft_refusal = ("Delta-LoRA, which moves the base weights themselves (W += λ·s·Δ(BA) after every step); "
+                    "PEFT's format holds only adapter tensors for the original base weights, so it cannot express "
+                    "that. Merge it and export the full model instead (lorakit export / lorakit.unload(model, "
+                    "merge=True)), or save it in lorakit's format")
     allowed_inits = ("kaiming", "gaussian", "init_b", "orthogonal")
 
     def __init__(self, ops: "LayerOps", config: "AdapterConfig", path: str, shared: nn.Module | None = None):

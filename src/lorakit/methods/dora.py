@@ -63,6 +63,7 @@ from torch.autograd.function import once_differentiable
 from ..layers import UnsupportedLayer, ops_for
 from .base import Adapter
 from .lora import LoraAdapter, can_fuse
+from .peft_lora import LORA_KEYS
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import AdapterConfig
@@ -435,6 +436,25 @@ class DoraAdapter(LoraAdapter):
             if a.shifts_base and n not in layer.merged:
                 w = w - a.base_shift().to(device=w.device, dtype=acc)
         return w
+
+    # -- PEFT's format: LORA with use_dora and a magnitude per layer ---------------------------------------------
+    peft_keys = {**LORA_KEYS, "lora_magnitude_vector": "magnitude"}
+
+    @classmethod
+    def reads_peft(cls, peft_type: str, cfg: dict[str, Any]) -> bool:
+        return cls is DoraAdapter and peft_type == "LORA" and bool(cfg.get("use_dora"))
+
+    @classmethod
+    def to_peft(cls, name: str, config: "AdapterConfig", entries: list, shared: nn.Module | None
+                ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        cfg, layers, shared_out = super().to_peft(name, config, entries, shared)
+        cfg["use_dora"] = True
+        for path, layer, adapter in entries:
+            m = adapter.magnitude.detach().float()
+            # PEFT keeps a conv magnitude as [1, out, 1, 1] (broadcast over the output map), a linear one as [out]
+            layers[path]["lora_magnitude_vector"] = m.reshape(1, -1, 1, 1) if layer.ops.kind == "conv2d" \
+                else m.reshape(-1)
+        return cfg, layers, shared_out
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", detach_norm={self.detach_norm}"

@@ -11,7 +11,8 @@ adapter only loads onto that kind of base (:data:`LOFTQ_BASE`, checked by :func:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from torch.autograd.function import once_differentiable
 from ..quant.linear4bit import COMPUTE_DTYPES, Linear4bit
 from ..quant.loftq import loftq_decompose
 from .base import Adapter, kaiming_uniform
+from .peft_lora import lora_from_peft, lora_to_peft
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import AdapterConfig
@@ -318,6 +320,47 @@ class LoraAdapter(Adapter):
         a = torch.cat([self.A.detach(), self.A0], dim=0)
         b = torch.cat([self.B.detach(), -self.B0], dim=1)
         return a, b, self.scaling
+
+    # -- PEFT's format ------------------------------------------------------------------------------------------
+    #: written with the config's own rank and scaling rule (rsLoRA stays rsLoRA); a subclass whose factors come
+    #: from :meth:`as_lora_factors` instead sets False
+    peft_native: ClassVar[bool] = True
+
+    @classmethod
+    def to_peft(cls, name: str, config: "AdapterConfig", entries: list, shared: nn.Module | None
+                ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        # PiSSA's base shift is part of its factors (the rank-2r conversion of as_lora_factors)
+        native = cls.peft_native and not any(a.shifts_base for _, _, a in entries)
+        cfg, layers = lora_to_peft(name, cls.method, config, entries, native)
+        return cfg, layers, {}
+
+    @classmethod
+    def as_plain_lora(cls, config: "AdapterConfig", entries: list
+                      ) -> tuple["AdapterConfig", dict[str, dict[str, torch.Tensor]]] | None:
+        """A PiSSA adapter as the plain LoRA of rank 2r ``s·[B | -B0]·[A ; A0]`` on the original weights, usable by
+        any LoRA loader (methods.md §12); None for every other init (already plain LoRA)."""
+        if config.init not in PISSA_INITS:
+            return None
+        layers, ranks, alphas = {}, {}, {}
+        for path, _, adapter in entries:
+            a, b, s = adapter.as_lora_factors()
+            layers[path] = {"A": a, "B": b}
+            ranks[path], alphas[path] = a.shape[0], s * a.shape[0]
+        plain = config.replace(init="kaiming", scaling="standard", r=max(ranks.values()), alpha=None,
+                               rank_pattern=ranks, alpha_pattern=alphas)
+        return plain, layers
+
+    @classmethod
+    def reads_peft(cls, peft_type: str, cfg: dict[str, Any]) -> bool:
+        # PEFT's plain LORA comes back as plain LoRA (not as a subclass written as LORA, like LoRA-FA)
+        return cls is LoraAdapter and peft_type == "LORA" and not cfg.get("use_dora")
+
+    @classmethod
+    def from_peft(cls, cfg: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]],
+                  shared: dict[str, torch.Tensor], ops: dict[str, "LayerOps"], folder: Path
+                  ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        kwargs, out = lora_from_peft(cfg, layers, ops, folder)
+        return kwargs, out, {}
 
 
 def check_loftq_base(ops: "LayerOps", path: str, source: str = "lorakit") -> None:

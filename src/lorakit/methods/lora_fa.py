@@ -98,6 +98,7 @@ class LoraFAAdapter(LoraAdapter):
     method = "lora_fa"
     allowed_inits = ("kaiming", "gaussian")
     frozen_params = ("A",)
+    peft_native = False  # written to PEFT from as_lora_factors (per-layer rank and standard alpha)
 
     def __init__(self, ops: LayerOps, config: "AdapterConfig", path: str, shared: nn.Module | None = None):
         super().__init__(ops, config, path, shared)

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ from torch import nn
 
 from ..layers import LayerOps
 from .base import Adapter
+from .peft_lora import peft_number
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import AdapterConfig
@@ -286,6 +288,48 @@ class VeraAdapter(Adapter):
         """``(diag(d) A, diag(b) B, 1.0)``: an exact rank-r LoRA form for combine/PEFT export."""
         a, bm = self._scaled_factors()
         return a, bm, 1.0
+
+    # -- PEFT's format: VERA, per-layer vectors and (optionally) the shared pair --------------------------------
+    peft_type = "VERA"
+    peft_keys = {"vera_lambda_b": "lambda_b", "vera_lambda_d": "lambda_d"}
+    peft_shared_keys = ("vera_A", "vera_B")
+
+    @classmethod
+    def reads_peft(cls, peft_type: str, cfg: dict[str, Any]) -> bool:
+        return peft_type == "VERA"
+
+    @classmethod
+    def to_peft(cls, name: str, config: "AdapterConfig", entries: list, shared: nn.Module | None
+                ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        bad = [p for p, layer, _ in entries if layer.ops.kind not in ("linear", "conv1d")]
+        if bad:
+            raise ValueError(f"VeRA adapter {name!r} adapts {bad[:3]}, which are not Linear/Conv1D layers; PEFT's "
+                             f"VeRA adapts only those, so it cannot be written in PEFT's format")
+        if shared is None:
+            raise ValueError(f"VeRA adapter {name!r} has no shared projections")
+        state = shared.state_dict()
+        shared_out = {}
+        if config.save_projection:
+            shared_out = {"vera_A": state["vera_A"].detach().float(), "vera_B": state["vera_B"].detach().float()}
+        layers = {path: {"vera_lambda_b": adapter.lambda_b.detach().float(),
+                         "vera_lambda_d": adapter.lambda_d.detach().float()} for path, _, adapter in entries}
+        cfg = dict(r=config.r, projection_prng_key=int(config.seed or 0), save_projection=bool(config.save_projection),
+                   vera_dropout=float(config.dropout), d_initial=float(config.d_initial), init_weights=True)
+        return cfg, layers, shared_out
+
+    @classmethod
+    def from_peft(cls, cfg: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]],
+                  shared: dict[str, torch.Tensor], ops: dict[str, LayerOps], folder: Path
+                  ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        out = {path: {"lambda_b": named["lambda_b"], "lambda_d": named["lambda_d"]} for path, named in layers.items()}
+        for path, named in layers.items():
+            if "lambda_b" not in named or "lambda_d" not in named:
+                raise ValueError(f"{folder}: VeRA layer {path} lacks vera_lambda_b or vera_lambda_d")
+        kwargs = {"r": peft_number(cfg, "r", 256, folder), "d_initial": peft_number(cfg, "d_initial", 0.1, folder,
+                                                                                   float, 0),
+                  "seed": peft_number(cfg, "projection_prng_key", 0, folder, int, 0), "save_projection": bool(shared)}
+        shared_out = {"vera_A": shared["vera_A"], "vera_B": shared["vera_B"]} if shared else {}
+        return kwargs, out, shared_out
 
     def extra_repr(self) -> str:
         return f"method=vera, r={self.r}, in={self.in_features}, out={self.out_features}, d_initial={self.d_initial:g}"

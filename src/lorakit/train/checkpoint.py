@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io import _atomic_folder
+from ..io import atomic_folder
 from ..io import remove_stale_temporaries as remove_stale_in
 
 TENSOR_MARK = "__tensor__"
@@ -87,7 +87,7 @@ def write_checkpoint(folder: Path, parts: dict[str, Any], adapter_writer) -> Pat
         (tmp / "state.json").write_text(json.dumps(meta))
         adapter_writer(tmp / "adapter")
 
-    _atomic_folder(folder, write)
+    atomic_folder(folder, write)
     return folder
 
 

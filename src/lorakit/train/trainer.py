@@ -655,12 +655,12 @@ def _save_trainable(model: nn.Module, path: Path, write_files: bool = True) -> P
     """Every trainable tensor of a model without adapters, in one safetensors file (atomic folder)."""
     from safetensors.torch import save_file
 
-    from ..io import _atomic_folder, full_tensor
+    from ..io import atomic_folder, full_tensor
 
     tensors = {n: full_tensor(p).detach().cpu().contiguous().clone() for n, p in model.named_parameters()
                if p.requires_grad}
     if write_files:
-        _atomic_folder(Path(path), lambda folder: save_file(tensors, str(folder / TRAINABLE_FILE)))
+        atomic_folder(Path(path), lambda folder: save_file(tensors, str(folder / TRAINABLE_FILE)))
     return Path(path)
 
 
