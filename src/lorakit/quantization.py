@@ -44,7 +44,8 @@ from .layers import AdaptedLayer, is_conv1d, is_norm, ops_for
 from .methods import get_method
 from .model import unload
 from .registry import adapted_layers, registry_or_none, saved_modules
-from .io.peft import PEFT_CONFIG, PEFT_WEIGHTS, PREFIX, peft_loftq_settings
+from .io.peft import PEFT_CONFIG, PEFT_WEIGHTS, PREFIX
+from .methods.peft_lora import peft_loftq_settings
 from .quant.linear4bit import COMPUTE_DTYPES, Linear4bit, dtype_name
 from .quant.nf4 import check_blocksize
 

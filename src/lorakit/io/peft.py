@@ -42,7 +42,7 @@ from ..config import AdapterConfig
 from ..layers import AdaptedLayer, UnsupportedLayer, ops_for
 from ..methods import Adapter, available_methods, get_method
 from ..methods.lora import check_loftq_base
-from ..methods.peft_lora import PEFT_MODEL_PREFIX, peft_number
+from ..methods.peft_lora import PEFT_MODEL_PREFIX, peft_loftq_settings, peft_number
 from ..registry import adapted_layers, registry, saved_copy
 from .files import SEP, AdapterLoadError, atomic_folder, check_save_target, read_safetensors
 from .loader import AdapterToLoad, choose_adapters, install_adapters
@@ -165,7 +165,10 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
                         PEFT_UNSUPPORTED_INITS[key] else "")
                 raise PeftFormatError(f"{folder}: init_lora_weights={init!r}: {PEFT_UNSUPPORTED_INITS[key]}; lorakit "
                                       f"does not support loading it.{hint}")
-        loftq = peft_loftq_settings(cfg, folder)
+        try:
+            loftq = peft_loftq_settings(cfg, folder)
+        except ValueError as err:
+            raise PeftFormatError(str(err)) from None
 
     layers: dict[str, dict[str, torch.Tensor]] = {}
     leftovers: dict[str, torch.Tensor] = {}
@@ -244,30 +247,6 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
     entry = {"config": config.to_dict(), "layers": sorted(layers), "modules_to_save": sorted(module_paths),
              "extra": {"source": "peft", "peft_type": peft_type}}
     return entry, out
-
-
-def peft_loftq_settings(cfg: dict[str, Any], folder: Path) -> dict[str, int] | None:
-    """The LoftQ settings of a PEFT LoRA folder, or None: ``init_lora_weights: "loftq"`` (PEFT's own save) or a
-    non-empty ``loftq_config`` (lorakit's export, which keeps ``init_lora_weights: true`` so PEFT loads it onto its
-    4-bit base without re-running LoftQ).
-
-    Example:
-        >>> peft_loftq_settings({"init_lora_weights": "loftq", "loftq_config": {"loftq_iter": 2}}, Path("x"))
-        {'loftq_bits': 4, 'loftq_iter': 2}
-    """
-    lcfg = cfg.get("loftq_config") or {}
-    if cfg.get("init_lora_weights") != "loftq" and not lcfg:
-        return None
-    if not isinstance(lcfg, dict):
-        raise PeftFormatError(f"{folder}/{PEFT_CONFIG}: loftq_config={lcfg!r} must be a JSON object")
-    bits = lcfg.get("loftq_bits", 4)
-    if bits != 4 or isinstance(bits, bool):
-        raise PeftFormatError(f"{folder}: the adapter is LoftQ with loftq_bits={bits!r}; lorakit's quantised bases "
-                              f"are 4-bit NF4 only, so it does not support this adapter")
-    try:
-        return {"loftq_bits": 4, "loftq_iter": peft_number(lcfg, "loftq_iter", 1, folder)}
-    except ValueError as err:
-        raise PeftFormatError(str(err)) from None
 
 
 def _check_peft_layer(model: nn.Module, path: str, folder: Path, loftq: dict[str, int] | None) -> None:

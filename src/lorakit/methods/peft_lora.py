@@ -178,3 +178,25 @@ def lora_from_peft(cfg: dict[str, Any], layers: dict[str, dict[str, torch.Tensor
     kwargs = ranked_config(cfg, ranks, peft_number(cfg, "r", 8, folder),
                            peft_number(cfg, "lora_alpha", 8, folder, float, 0), bool(cfg.get("use_rslora")))
     return kwargs, out
+
+
+def peft_loftq_settings(cfg: dict[str, Any], folder: Path) -> dict[str, int] | None:
+    """The LoftQ settings of a PEFT LoRA folder, or None: ``init_lora_weights: "loftq"`` (PEFT's own save) or a
+    non-empty ``loftq_config`` (lorakit's export, which keeps ``init_lora_weights: true`` so PEFT loads it onto its
+    4-bit base without re-running LoftQ). LoftQ is LoRA's init, so its PEFT form is LoRA's to read; a bad
+    value is a ValueError (the PEFT reader reports it as PeftFormatError).
+
+    Example:
+        >>> peft_loftq_settings({"init_lora_weights": "loftq", "loftq_config": {"loftq_iter": 2}}, Path("x"))
+        {'loftq_bits': 4, 'loftq_iter': 2}
+    """
+    lcfg = cfg.get("loftq_config") or {}
+    if cfg.get("init_lora_weights") != "loftq" and not lcfg:
+        return None
+    if not isinstance(lcfg, dict):
+        raise ValueError(f"{folder}/adapter_config.json: loftq_config={lcfg!r} must be a JSON object")
+    bits = lcfg.get("loftq_bits", 4)
+    if bits != 4 or isinstance(bits, bool):
+        raise ValueError(f"{folder}: the adapter is LoftQ with loftq_bits={bits!r}; lorakit's quantised bases "
+                              f"are 4-bit NF4 only, so it does not support this adapter")
+    return {"loftq_bits": 4, "loftq_iter": peft_number(lcfg, "loftq_iter", 1, folder)}
