@@ -183,7 +183,7 @@ def availability(name: str) -> str | None:
         if spec.get("needs"):
             __import__(spec["needs"])
         if name == "lora_drop":
-            from .methods.lora_drop import run_lora_drop  # noqa: F401
+            from .train.recipes.lora_drop import run_lora_drop  # noqa: F401
     except (ImportError, AttributeError) as exc:
         return f"not available in this build ({exc})"
     return None
@@ -242,7 +242,7 @@ def run_contender(name: str, cfg: CompareConfig, workdir: str) -> dict[str, Any]
                             output_dir=os.path.join(workdir, "run"), progress=False, **spec["train"])
     t0 = time.perf_counter()
     if name == "lora_drop":
-        from .methods.lora_drop import run_lora_drop
+        from .train.recipes.lora_drop import run_lora_drop
 
         # stage 1 runs drop_fraction of the step budget on a drop_fraction sample; stage 2 the full budget
         drop = run_lora_drop(model, config, train_rows, trainer_config=train_cfg, collate_fn=collate)
