@@ -234,7 +234,7 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
         return
     for ref in _watched_in(optimizer):
         adapter = ref()
-        if adapter is None or getattr(adapter, "hooks_done", False):
+        if adapter is None or adapter.hooks_done:
             continue
         if not any(p.requires_grad for p in adapter.parameters()):
             continue
@@ -242,7 +242,7 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
         # The hooks run right after this post-hook in a correct loop, so only a *previous* step left unserved
         # proves they are missing.
         if state["_lorakit_opt_steps"] > state["_lorakit_hook_steps"]:
-            _warn_missing(getattr(adapter, "method", type(adapter).__name__))
+            _warn_missing(adapter.method)
         state["_lorakit_opt_steps"] += 1
 
 

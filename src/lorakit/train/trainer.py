@@ -33,6 +33,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from .hooks import regularization_loss, training_hooks
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -289,7 +290,7 @@ class Trainer:
         if cfg.gradient_checkpointing and hasattr(user_model, "gradient_checkpointing_enable"):
             user_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         user_model.train()
-        hooks = _training_hooks(user_model)
+        hooks = training_hooks(user_model)
         state = self._restore_adapters(user_model, found) if found is not None else None  # before sharding
         model = dist_utils.wrap(user_model, cfg.distributed, info)
         optimizer = self._make_optimizer(user_model)  # after wrapping: FSDP2 replaces parameters by DTensors
@@ -336,8 +337,7 @@ class Trainer:
                 phase = "update"
                 optimizer.step()
                 scheduler.step()
-                if hooks is not None:
-                    hooks.after_step()  # gradients are still there (AdaLoRA reads them)
+                hooks.after_step()  # gradients are still there (AdaLoRA reads them)
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 phase = "boundary"
@@ -358,9 +358,8 @@ class Trainer:
                 if out is not None and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     self._save(step, user_model, optimizer, scheduler, hooks)
             else:
-                if hooks is not None:
-                    phase = "finish"
-                    hooks.finish()
+                phase = "finish"
+                hooks.finish()
                 phase = "final"
                 boundary_rng = ckpt.rng_state()
                 self._evaluate(model, step)
@@ -541,7 +540,7 @@ class Trainer:
                 "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "rng": rng if rng is not None else ckpt.rng_state(),
-                "hooks": hooks.state_dict() if hooks is not None and hasattr(hooks, "state_dict") else {},
+                "hooks": hooks.state_dict(),
             }
             if folder.name in self._bad_checkpoints and folder.is_dir():  # keep the corrupt one, under a new name
                 moved = ckpt.set_aside(folder)
@@ -603,7 +602,7 @@ class Trainer:
             dist_utils.reshard_optimizer_state(optimizer)
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
-        if hooks is not None and state.get("hooks") and hasattr(hooks, "load_state_dict"):
+        if state.get("hooks"):
             hooks.load_state_dict(state["hooks"])
         trainer = state["trainer"]
         self.result.losses = list(trainer["losses"])
@@ -778,18 +777,7 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _training_hooks(model: nn.Module):
-    try:
-        from .hooks import training_hooks
-    except ImportError:  # the hooks module lands with the methods that need it
-        return None
-    return training_hooks(model)
-
-
 def _regularization(model: nn.Module) -> torch.Tensor | None:
-    try:
-        from .hooks import regularization_loss
-    except ImportError:
-        return None
+    """The methods' extra loss term, or None when none contributes (the backward pass then skips it)."""
     reg = regularization_loss(model)
     return reg if isinstance(reg, torch.Tensor) and reg.requires_grad else None
