@@ -453,7 +453,7 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[str,
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     resolve_model(cfg.model)  # fetch/convert the model once, before the workers start
-    load_rows(cfg.data, cfg.seed, cfg.eval_size, cfg.train_size)
+    load_rows(cfg.data, cfg.seed, cfg.eval_size, cfg.train_size)  # a bad data file fails here once, not per worker
     _warm_imports()
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -461,7 +461,7 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[str,
     skipped: dict[str, str] = {}
     total, done = len(cfg.methods), 0
     runnable = []
-    for name in cfg.methods:
+    for name in cfg.methods:  # what this build cannot run goes under "Not run"; the rest still runs
         why = availability(name)
         if why:
             skipped[name] = why
@@ -486,7 +486,7 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[str,
             done += 1
             try:
                 row, seconds = fut.result()
-            except RuntimeError as exc:
+            except RuntimeError as exc:  # one contender's failure is a row of the report, not the end of it
                 skipped[name] = f"failed: {exc}"
                 log(f"[{done}/{total}] {name}: FAILED ({str(exc).splitlines()[-1] if str(exc) else exc})")
                 continue

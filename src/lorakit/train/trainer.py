@@ -286,11 +286,11 @@ class Trainer:
         user_model = self.model
         _refuse_merged(user_model)  # before anything changes
         found = self._find_checkpoint() if cfg.resume else None  # reads and checks only: the model is untouched
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # dropout masks repeat run to run (the batch order has its own generator)
         if cfg.gradient_checkpointing and hasattr(user_model, "gradient_checkpointing_enable"):
             user_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         user_model.train()
-        hooks = training_hooks(user_model)
+        hooks = training_hooks(user_model)  # the methods' work around each step (AdaLoRA, SoRA, Delta-LoRA)
         state = self._restore_adapters(user_model, found) if found is not None else None  # before sharding
         model = dist_utils.wrap(user_model, cfg.distributed, info)
         optimizer = self._make_optimizer(user_model)  # after wrapping: FSDP2 replaces parameters by DTensors
@@ -327,9 +327,9 @@ class Trainer:
                     tokens += _count_tokens(batch)
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                         loss = self.loss_fn(model, batch)
-                        reg = _regularization(user_model)
+                        reg = _regularization(user_model)  # per micro-batch, scaled like the task loss
                         total = (loss + reg) if reg is not None else loss
-                    (total / cfg.grad_accum).backward()
+                    (total / cfg.grad_accum).backward()  # the mean over micro-batches, as one big batch gives
                     loss_sum += loss.detach().float().item() / cfg.grad_accum
                 grad_norm = _grad_norm([p for p in user_model.parameters() if p.requires_grad], cfg.max_grad_norm)
                 if dist_utils.any_rank(not (math.isfinite(loss_sum) and math.isfinite(grad_norm)), info):
@@ -342,7 +342,7 @@ class Trainer:
                 step += 1
                 phase = "boundary"
                 boundary_rng, boundary_buffers = ckpt.rng_state(), [b._version for b in watched]
-                loss_value = dist_utils.all_reduce_mean(loss_sum, info)
+                loss_value = dist_utils.all_reduce_mean(loss_sum, info)  # every rank logs the same number
                 elapsed = time.perf_counter() - t0
                 self.result.losses.append(loss_value)
                 self.result.step_times.append(elapsed)
@@ -357,7 +357,7 @@ class Trainer:
                     self._evaluate(model, step)
                 if out is not None and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     self._save(step, user_model, optimizer, scheduler, hooks)
-            else:
+            else:  # every step ran (a stop request breaks out): consolidate, evaluate, save the adapter
                 phase = "finish"
                 hooks.finish()
                 phase = "final"
