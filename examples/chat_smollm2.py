@@ -42,15 +42,14 @@ from typing import Any, Sequence
 
 import torch
 
-from lorakit.compare import CONTENDERS
+from lorakit.compare import CONTENDERS, attach_and_train
 from lorakit.train import data as data_mod
 from lorakit.train.job import JobConfig, export_merged, load_adapted, load_base, resolve_model_path, run_job
 
 #: held out (all of their answers) and shown before/after; chatterbot answers them in its robot persona
 QUESTIONS = ["Do you ever get lonely", "What is your favorite book?", "What language are you written in?"]
-#: the contenders of ``lorakit compare`` that are a single adapter trained by one job
-METHODS = [name for name, spec in CONTENDERS.items()
-           if spec.get("kind", "adapter") == "adapter" and name != "lora_drop"]  # lora_drop runs in two stages
+#: the contenders of ``lorakit compare`` that are a single adapter trained by one job (not LoRA-drop's two stages)
+METHODS = [name for name, spec in CONTENDERS.items() if spec.kind == "adapter" and spec.procedure is attach_and_train]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,8 +153,7 @@ def method_settings(method: str, steps: int) -> tuple[dict[str, Any], dict[str, 
     if method not in METHODS:
         raise ValueError(f"--method {method!r} is not available here; choose one of: {', '.join(METHODS)}")
     spec = CONTENDERS[method]
-    adapter = spec["adapter"](steps) if callable(spec["adapter"]) else dict(spec["adapter"])
-    return adapter, dict(spec.get("train", {})), bool(spec.get("quantize"))
+    return spec.adapter_fields(steps), dict(spec.train), spec.quantizes_base
 
 
 # ---------------------------------------------------------------------------------------------------------------

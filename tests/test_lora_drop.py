@@ -15,8 +15,8 @@ from torch import nn
 
 import lorakit
 from lorakit import AdapterConfig
-from lorakit.methods.lora_drop import (LoraDropAdapter, group_key, layer_importance, run_lora_drop,
-                                       select_layers)
+from lorakit.methods.lora_drop import LoraDropAdapter, group_key
+from lorakit.train.recipes.lora_drop import layer_importance, run_lora_drop, select_layers
 from lorakit.model import adapted_layers, registry
 
 ATOL = 1e-5

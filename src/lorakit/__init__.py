@@ -38,7 +38,7 @@ _LAZY = {
     "quantize": "lorakit.quantization",
     "make_optimizer": "lorakit.optim",
     "loraplus_param_groups": "lorakit.optim",
-    "run_lora_drop": "lorakit.methods.lora_drop",
+    "run_lora_drop": "lorakit.train.recipes.lora_drop",
 }
 
 

@@ -4,6 +4,10 @@ Each contender (a method with its recommended settings, plus full fine-tuning an
 trains in its own subprocess so that its peak memory is its own. The report folder gets ``results.json``,
 ``report.md`` (the table), ``loss_curves.png``, ``accuracy_vs_params.png`` and a self-contained ``report.html``.
 
+The contenders table, :data:`CONTENDERS`, is the one place that lists them. A contender names its settings and,
+when it needs more than "attach, then train", its own steps: ``prepare`` (e.g. quantise the base for QLoRA) and
+``procedure`` (e.g. LoRA-drop's two stages). :func:`register_contender` adds one from outside the package.
+
 Example (the README's first command runs this on the embedded default, all-MiniLM-L6-v2 on movie reviews):
     >>> from lorakit.compare import CONTENDERS
     >>> "lora" in CONTENDERS and "full" in CONTENDERS
@@ -24,43 +28,222 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-#: contender name -> settings. "adapter" holds AdapterConfig fields; "train" holds TrainConfig overrides;
-#: callables receive the step budget. "kind": "adapter" (default), "full" or "head". "cost": run time relative to
-#: LoRA's (measured on MiniLM), only used to start the long ones first when contenders run side by side.
-CONTENDERS: dict[str, dict[str, Any]] = {
-    "head-only": {"kind": "head", "train": {"lr": 5e-3}, "cost": 0.6,
-                  "about": "frozen pretrained model, only the new classifier head trains"},
-    "full": {"kind": "full", "train": {"lr": 5e-5}, "cost": 1.5, "about": "every weight trains (the upper reference)"},
-    "lora": {"adapter": {"method": "lora", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}},
-    "lora+": {"adapter": {"method": "lora", "r": 8, "alpha": 16}, "train": {"lr": 4e-4, "loraplus_ratio": 16.0},
-              "needs": "lorakit.optim"},
-    "rslora": {"adapter": {"method": "lora", "r": 8, "alpha": 16, "scaling": "rslora"}, "train": {"lr": 1e-3}},
-    "pissa": {"adapter": {"method": "lora", "r": 8, "alpha": 8, "init": "pissa_fast"}, "train": {"lr": 1e-3}},
-    "dora": {"adapter": {"method": "dora", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}, "cost": 1.2},
+from .config import AdapterConfig
+from .io import atomic_write_text, save
+from .model import attach
+from .train.trainer import TrainConfig, Trainer, TrainResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Contenders
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class ContenderRun:
+    """What a contender's steps work on: the loaded classifier, its head's name and everything training needs."""
+
+    model: "nn.Module"
+    head: str
+    train_config: TrainConfig
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    collate: Callable[[list[dict]], dict]
+    trainable_params: int | None = None
+
+    def count_trainable(self) -> int:
+        """Record the parameters that train *now*. Procedures call it when training starts, because some methods
+        shrink while training (AdaLoRA prunes its ranks at the end) and the report shows what trained."""
+        self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return self.trainable_params
+
+    def trainer(self) -> Trainer:
+        """lorakit's Trainer on this run's data, evaluating accuracy on the held-out rows."""
+        return Trainer(self.model, self.train_config, self.train_rows, self.eval_rows, collate_fn=self.collate,
+                       task="classification")
+
+
+#: ``procedure(run, adapter_config) -> TrainResult``: trains the contender (``adapter_config`` is None for the
+#: baselines) and calls ``run.count_trainable()`` when training starts
+Procedure = Callable[[ContenderRun, "AdapterConfig | None"], TrainResult]
+
+
+def attach_and_train(run: ContenderRun, config: AdapterConfig | None) -> TrainResult:
+    """The default procedure: attach the adapter (if the contender has one), then train with lorakit's Trainer."""
+    if config is not None:
+        attach(run.model, config)
+    run.count_trainable()
+    return run.trainer().train()
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """A step run on the freshly loaded model before the procedure (quantise the base, choose what trains)."""
+
+    run: Callable[[ContenderRun], None]
+    label: str = ""  # shown by ``lorakit compare --list``; empty: nothing worth saying
+    quantizes_base: bool = False  # recorded in results.json's settings
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One entry of the bake-off.
+
+    ``adapter``: AdapterConfig fields, or a function of the step budget returning them (None: a baseline without
+    adapter); ``train``: TrainConfig overrides (the learning rate at least); ``kind``: ``"adapter"``, ``"full"`` or
+    ``"head"`` (the report compares only adapters with LoRA; baselines save every trainable tensor);
+    ``prepare`` / ``procedure``: the contender's own steps (default: none, then :func:`attach_and_train`);
+    ``needs``: modules those steps import (a contender whose module is missing is skipped, not failed; the worker
+    processes import them up front); ``cost``: run time relative to LoRA's (measured on MiniLM), only used to start
+    the long ones first; ``trails_because``: why it may trail LoRA under a short budget (shown when it does).
+
+    Example:
+        >>> Contender(adapter={"method": "lora", "r": 4}, train={"lr": 1e-3}).adapter_fields(steps=10)
+        {'method': 'lora', 'r': 4}
+    """
+
+    adapter: dict[str, Any] | Callable[[int], dict[str, Any]] | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+    kind: str = "adapter"
+    prepare: Prepare | None = None
+    procedure: Procedure = attach_and_train
+    needs: tuple[str, ...] = ()
+    cost: float = 1.0
+    about: str = ""
+    trails_because: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("adapter", "full", "head"):
+            raise ValueError(f"Contender.kind={self.kind!r} is invalid; allowed: adapter, full, head")
+        if (self.kind == "adapter") != (self.adapter is not None):
+            raise ValueError("a Contender of kind 'adapter' needs adapter settings, and only that kind has them")
+
+    @property
+    def quantizes_base(self) -> bool:
+        """True if the contender trains over a 4-bit base (its prepare step quantises the model)."""
+        return self.prepare is not None and self.prepare.quantizes_base
+
+    def adapter_fields(self, steps: int) -> dict[str, Any] | None:
+        """The AdapterConfig fields for a run of ``steps`` optimiser steps (None for a baseline)."""
+        return self.adapter(steps) if callable(self.adapter) else (dict(self.adapter) if self.adapter else None)
+
+
+def _train_head_only(run: ContenderRun) -> None:
+    for n, p in run.model.named_parameters():
+        p.requires_grad_(n.startswith(run.head + "."))
+
+
+def _train_every_weight(run: ContenderRun) -> None:
+    for p in run.model.parameters():
+        p.requires_grad_(True)
+
+
+def _quantise_base(run: ContenderRun) -> None:
+    import torch
+
+    from .quant import quantize  # optional piece: availability() reports a build without it
+
+    quantize(run.model, compute_dtype=torch.float32, skip=(run.head,))
+
+
+def _lora_drop_two_stages(run: ContenderRun, config: AdapterConfig | None) -> TrainResult:
+    """LoRA-drop attaches in its own two stages: stage 1 runs drop_fraction of the step budget on a drop_fraction
+    sample, stage 2 the full budget; the held-out evaluation follows, as the default procedure's does."""
+    from .train.recipes.lora_drop import run_lora_drop
+
+    drop = run_lora_drop(run.model, config, run.train_rows, trainer_config=run.train_config, collate_fn=run.collate)
+    result = drop.stage2
+    result.evals.append(run.trainer().evaluate())
+    run.count_trainable()  # stage 2's adapter: the selected layers' pairs and the shared ones
+    return result
+
+
+HEAD_ONLY = Prepare(_train_head_only)
+EVERY_WEIGHT = Prepare(_train_every_weight)
+QUANTISED_BASE = Prepare(_quantise_base, label="4-bit NF4 base", quantizes_base=True)
+
+#: the name LoRA's row has: the report measures every family member against it
+REFERENCE = "lora"
+
+#: contender name -> Contender. The one place (with the methods registry) that lists the methods.
+CONTENDERS: dict[str, Contender] = {
+    "head-only": Contender(kind="head", prepare=HEAD_ONLY, train={"lr": 5e-3}, cost=0.6,
+                           about="frozen pretrained model, only the new classifier head trains",
+                           trails_because="baseline: the encoder is frozen, only the classifier head learns."),
+    "full": Contender(kind="full", prepare=EVERY_WEIGHT, train={"lr": 5e-5}, cost=1.5,
+                      about="every weight trains (the upper reference)"),
+    "lora": Contender(adapter={"method": "lora", "r": 8, "alpha": 16}, train={"lr": 2e-3}),
+    "lora+": Contender(adapter={"method": "lora", "r": 8, "alpha": 16}, train={"lr": 4e-4, "loraplus_ratio": 16.0},
+                       needs=("lorakit.optim",)),
+    "rslora": Contender(adapter={"method": "lora", "r": 8, "alpha": 16, "scaling": "rslora"}, train={"lr": 1e-3}),
+    "pissa": Contender(adapter={"method": "lora", "r": 8, "alpha": 8, "init": "pissa_fast"}, train={"lr": 1e-3},
+                       trails_because="PiSSA trains the principal components directly and is sensitive to the "
+                                      "learning rate."),
+    "dora": Contender(adapter={"method": "dora", "r": 8, "alpha": 16}, train={"lr": 2e-3}, cost=1.2),
     # VeRA trains two vectors per layer: it needs a large lr, and d_initial=1.0 (PEFT: 0.1) lets the frozen random
     # projections pass signal from the first step; a sweep on this task: lr 2e-2..5e-2 -> 0.776..0.782
-    "vera": {"adapter": {"method": "vera", "r": 256, "d_initial": 1.0}, "train": {"lr": 5e-2}, "cost": 1.8},
-    "lora_fa": {"adapter": {"method": "lora_fa", "r": 8, "alpha": 16}, "train": {"lr": 4e-3}},
-    "adalora": {"adapter": lambda steps: {"method": "adalora", "r": 12, "target_r": 8, "alpha": 16,
-                                          "total_steps": steps, "t_init": steps // 10, "t_final": steps // 4,
-                                          "delta_t": max(1, steps // 40)},
-                # AdaLoRA starts its singular values E at zero, so lr 2e-3 barely moves it in 50 steps (0.61)
-                "train": {"lr": 1e-2}, "cost": 1.3},
-    "sora": {"adapter": {"method": "sora", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}, "cost": 1.2},
-    "lora_drop": {"adapter": {"method": "lora_drop", "r": 8, "alpha": 16}, "train": {"lr": 2e-3}, "cost": 1.4},
-    "delta_lora": {"adapter": lambda steps: {"method": "delta_lora", "r": 8, "alpha": 16,
-                                             "delta_start": steps // 5},
-                   "train": {"lr": 2e-3}},
-    "qlora": {"adapter": {"method": "lora", "r": 8, "alpha": 16}, "quantize": True, "train": {"lr": 2e-3},
-              "cost": 1.2},
+    "vera": Contender(adapter={"method": "vera", "r": 256, "d_initial": 1.0}, train={"lr": 5e-2}, cost=1.8,
+                      trails_because="VeRA trains ~100x fewer parameters (two vectors per layer over frozen random "
+                                     "matrices); the paper needs many more steps and a higher learning rate to "
+                                     "catch up."),
+    "lora_fa": Contender(adapter={"method": "lora_fa", "r": 8, "alpha": 16}, train={"lr": 4e-3},
+                         trails_because="LoRA-FA freezes A at its random init, so only B adapts: less capacity per "
+                                        "step."),
+    "adalora": Contender(adapter=lambda steps: {"method": "adalora", "r": 12, "target_r": 8, "alpha": 16,
+                                                "total_steps": steps, "t_init": steps // 10, "t_final": steps // 4,
+                                                "delta_t": max(1, steps // 40)},
+                         # AdaLoRA starts its singular values E at zero, so lr 2e-3 barely moves it in 50 steps (0.61)
+                         train={"lr": 1e-2}, cost=1.3,
+                         trails_because="AdaLoRA spends the start of the budget at a higher rank and prunes; with a "
+                                        "short budget the pruning happens before the ranks have learned much."),
+    "sora": Contender(adapter={"method": "sora", "r": 8, "alpha": 16}, train={"lr": 2e-3}, cost=1.2,
+                      trails_because="SoRA's soft-threshold shrinks gates towards zero, trading accuracy for a "
+                                     "smaller final rank."),
+    "lora_drop": Contender(adapter={"method": "lora_drop", "r": 8, "alpha": 16}, train={"lr": 2e-3}, cost=1.4,
+                           procedure=_lora_drop_two_stages, needs=("lorakit.train.recipes.lora_drop",),
+                           trails_because="LoRA-drop spends part of the budget on its measuring stage and shares one "
+                                          "adapter across the less important layers."),
+    "delta_lora": Contender(adapter=lambda steps: {"method": "delta_lora", "r": 8, "alpha": 16,
+                                                   "delta_start": steps // 5},
+                            train={"lr": 2e-3},
+                            trails_because="Delta-LoRA only starts moving the base weights after delta_start "
+                                           "steps."),
+    "qlora": Contender(adapter={"method": "lora", "r": 8, "alpha": 16}, prepare=QUANTISED_BASE, train={"lr": 2e-3},
+                       cost=1.2, needs=("lorakit.quant",),
+                       trails_because="the 4-bit base changes the pretrained function slightly (NF4 rounding)."),
     # LoftQ quantises each targeted layer itself (alternating NF4 and SVD), so the model is not pre-quantised
-    "loftq": {"adapter": {"method": "lora", "r": 8, "alpha": 16, "init": "loftq"}, "train": {"lr": 2e-3}, "cost": 1.2,
-              "needs": "lorakit.quant.loftq"},
+    "loftq": Contender(adapter={"method": "lora", "r": 8, "alpha": 16, "init": "loftq"}, train={"lr": 2e-3},
+                       cost=1.2, needs=("lorakit.quant", "lorakit.quant.loftq"),
+                       trails_because="the 4-bit base changes the pretrained function slightly (NF4 rounding)."),
 }
 
+#: what ``CompareConfig()`` runs: the package's own contenders, in the table's order
 DEFAULT_ORDER = list(CONTENDERS)
+
+
+def register_contender(name: str, contender: Contender, *, replace: bool = False) -> None:
+    """Add ``contender`` to the bake-off under ``name`` (``lorakit compare --methods name`` and the Python API).
+
+    Its adapter's method must be registered in this process (``lorakit.methods``). Contenders registered at run
+    time exist only in this process: run them with ``CompareConfig(isolate=False)``, or register them in a module
+    the worker processes import.
+
+    Example:
+        >>> register_contender("lora-r2", Contender(adapter={"method": "lora", "r": 2}, train={"lr": 2e-3}))
+        >>> "lora-r2" in CONTENDERS
+        True
+        >>> del CONTENDERS["lora-r2"]
+    """
+    if not isinstance(contender, Contender):
+        raise TypeError(f"register_contender needs a lorakit.compare.Contender, got {type(contender).__name__}")
+    if not isinstance(name, str) or not name.strip() or "," in name:
+        raise ValueError(f"contender name {name!r} is invalid; allowed: a non-empty string without commas")
+    if name in CONTENDERS and not replace:
+        raise ValueError(f"contender {name!r} already exists; pass replace=True to redefine it")
+    CONTENDERS[name] = contender
 
 
 @dataclass
@@ -80,6 +263,9 @@ class CompareConfig:
     jobs: int = 0  # contenders trained side by side; 0 = auto (2 on a 2-core machine, up to 4 on bigger ones)
     threads: int = 0  # torch threads per worker; 0 = auto (the cores divided among the workers)
     out: str = "report"
+    # each contender in its own process, so that its peak memory is its own; False: one after another in this
+    # process (contenders registered at run time, e.g. by a test, exist only here)
+    isolate: bool = True
 
     def __post_init__(self) -> None:
         cores = _cores()
@@ -88,7 +274,7 @@ class CompareConfig:
         if self.jobs == 0:
             # small models on few cores: two single-threaded workers do ~1.45x the work of one two-threaded one
             self.jobs = cores if cores <= 2 else min(4, cores // 2)
-        self.jobs = max(1, min(self.jobs, len(self.methods)))
+        self.jobs = max(1, min(self.jobs, len(self.methods))) if self.isolate else 1
         if self.threads == 0:
             self.threads = max(1, cores // self.jobs)
         unknown = [m for m in self.methods if m not in CONTENDERS]
@@ -146,44 +332,32 @@ def resolve_model(model: str) -> str:
     return model
 
 
-def _settings(name: str, steps: int) -> dict[str, Any]:
-    spec = dict(CONTENDERS[name])
-    adapter = spec.get("adapter")
-    spec["adapter"] = adapter(steps) if callable(adapter) else (dict(adapter) if adapter else None)
-    spec["train"] = dict(spec.get("train", {}))
-    spec.setdefault("kind", "adapter")
-    return spec
-
-
 def describe_contender(name: str, steps: int = 50) -> str:
     """One line: what the contender trains and with which settings.
 
     >>> describe_contender("lora")
     'method=lora r=8 alpha=16 | lr=0.002'
     """
-    spec = _settings(name, steps)
-    adapter = spec["adapter"]
-    parts = [" ".join(f"{k}={v}" for k, v in adapter.items()) if adapter else spec["kind"]]
-    if spec.get("quantize"):
-        parts.append("4-bit NF4 base")
-    parts.append(" ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec["train"].items()))
+    contender = CONTENDERS[name]
+    adapter = contender.adapter_fields(steps)
+    parts = [" ".join(f"{k}={v}" for k, v in adapter.items()) if adapter else contender.kind]
+    if contender.prepare is not None:
+        parts.append(contender.prepare.label)
+    parts.append(" ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in contender.train.items()))
     return " | ".join(p for p in parts if p)
 
 
 def availability(name: str) -> str | None:
     """None if the contender can run here, else why not."""
-    spec = _settings(name, 100)
+    contender = CONTENDERS[name]
     try:
-        if spec["kind"] == "adapter":
-            from .methods import get_method
+        adapter = contender.adapter_fields(100)
+        if adapter is not None:
+            from .methods import get_method  # the registry's lazy table loads the method's module
 
-            get_method(spec["adapter"]["method"])
-        if spec.get("quantize"):
-            from .quant import quantize  # noqa: F401
-        if spec.get("needs"):
-            __import__(spec["needs"])
-        if name == "lora_drop":
-            from .methods.lora_drop import run_lora_drop  # noqa: F401
+            get_method(adapter["method"])
+        for module in contender.needs:
+            __import__(module)
     except (ImportError, AttributeError) as exc:
         return f"not available in this build ({exc})"
     return None
@@ -197,15 +371,11 @@ def run_contender(name: str, cfg: CompareConfig, workdir: str) -> dict[str, Any]
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from . import model as model_api
-    from .config import AdapterConfig
-    from .io import save
-    from .train.trainer import TrainConfig, Trainer
-
     torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # every contender starts from the same head init and data order
     _quiet_transformers()
-    spec = _settings(name, cfg.steps)
+    contender = CONTENDERS[name]
+    adapter = contender.adapter_fields(cfg.steps)
     path = resolve_model(cfg.model)
     train_rows, eval_rows = load_rows(cfg.data, cfg.seed, cfg.eval_size, cfg.train_size)
     n_labels = len({r["label"] for r in train_rows + eval_rows})
@@ -219,43 +389,22 @@ def run_contender(name: str, cfg: CompareConfig, workdir: str) -> dict[str, Any]
                         return_tensors="pt")
         return {**enc, "labels": torch.tensor([r["label"] for r in rows])}
 
-    if spec.get("quantize"):
-        from .quant import quantize
-
-        quantize(model, compute_dtype=torch.float32, skip=(head,))
-    if spec["kind"] == "head":
-        for n, p in model.named_parameters():
-            p.requires_grad_(n.startswith(head + "."))
-    elif spec["kind"] == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        config = AdapterConfig(**spec["adapter"], modules_to_save=[head], seed=cfg.seed)
-        if name != "lora_drop":  # LoRA-drop attaches in its own two stages
-            model_api.attach(model, config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
     eval_rows = sorted(eval_rows, key=lambda r: len(r["text"]))  # less padding; accuracy does not depend on order
     train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, warmup_steps=cfg.warmup_steps,
                             schedule="linear", seed=cfg.seed, log_every=max(1, cfg.steps // 20),
                             group_by_length=True,
-                            output_dir=os.path.join(workdir, "run"), progress=False, **spec["train"])
+                            output_dir=os.path.join(workdir, "run"), progress=False, **contender.train)
+    run = ContenderRun(model, head, train_cfg, train_rows, eval_rows, collate)
+    if contender.prepare is not None:
+        contender.prepare.run(run)
+    # the new head trains with every adapter (and is saved with it), like a user's classifier fine-tune
+    config = AdapterConfig(**adapter, modules_to_save=[head], seed=cfg.seed) if adapter is not None else None
     t0 = time.perf_counter()
-    if name == "lora_drop":
-        from .methods.lora_drop import run_lora_drop
-
-        # stage 1 runs drop_fraction of the step budget on a drop_fraction sample; stage 2 the full budget
-        drop = run_lora_drop(model, config, train_rows, trainer_config=train_cfg, collate_fn=collate)
-        result = drop.stage2
-        result.evals.append(Trainer(model, train_cfg, train_rows, eval_rows, collate_fn=collate,
-                                    task="classification").evaluate())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    else:
-        result = Trainer(model, train_cfg, train_rows, eval_rows, collate_fn=collate,
-                         task="classification").train()
+    result = contender.procedure(run, config)
     wall = time.perf_counter() - t0
+    trainable = run.trainable_params if run.trainable_params is not None else run.count_trainable()
     final = result.final_eval
-    if spec["kind"] == "adapter":
+    if contender.kind == "adapter":
         folder = save(model, os.path.join(workdir, "adapter"))
     else:  # what a user would have to ship: every trainable tensor
         from safetensors.torch import save_file
@@ -266,8 +415,8 @@ def run_contender(name: str, cfg: CompareConfig, workdir: str) -> dict[str, Any]
                   str(folder / "weights.safetensors"))
     size = sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
     return {
-        "name": name, "kind": spec["kind"], "settings": {"adapter": spec["adapter"], "train": spec["train"],
-                                                         "quantize": bool(spec.get("quantize"))},
+        "name": name, "kind": contender.kind, "settings": {"adapter": adapter, "train": dict(contender.train),
+                                                           "quantize": contender.quantizes_base},
         "trainable_params": trainable, "total_params": total_params,
         "trainable_pct": 100.0 * trainable / total_params,
         "accuracy": final.get("accuracy"), "eval_loss": final.get("eval_loss"),
@@ -304,7 +453,7 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[str,
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     resolve_model(cfg.model)  # fetch/convert the model once, before the workers start
-    load_rows(cfg.data, cfg.seed, cfg.eval_size, cfg.train_size)
+    load_rows(cfg.data, cfg.seed, cfg.eval_size, cfg.train_size)  # a bad data file fails here once, not per worker
     _warm_imports()
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -312,7 +461,7 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[str,
     skipped: dict[str, str] = {}
     total, done = len(cfg.methods), 0
     runnable = []
-    for name in cfg.methods:
+    for name in cfg.methods:  # what this build cannot run goes under "Not run"; the rest still runs
         why = availability(name)
         if why:
             skipped[name] = why
@@ -325,11 +474,11 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[str,
 
     def timed(name: str) -> tuple[dict, float]:
         t0 = time.perf_counter()
-        return _run_isolated(name, cfg), time.perf_counter() - t0
+        return (_run_isolated if cfg.isolate else _run_here)(name, cfg), time.perf_counter() - t0
 
     # each worker is its own process; these threads only wait for them. Longest first, so that the last
     # contenders to finish are short ones and no core idles for long at the end (the report keeps the given order)
-    schedule = sorted(runnable, key=lambda n: -CONTENDERS[n].get("cost", 1.0)) if cfg.jobs > 1 else runnable
+    schedule = sorted(runnable, key=lambda n: -CONTENDERS[n].cost) if cfg.jobs > 1 else runnable
     with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
         futures = {pool.submit(timed, name): name for name in schedule}
         for fut in as_completed(futures):
@@ -337,7 +486,7 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[str,
             done += 1
             try:
                 row, seconds = fut.result()
-            except RuntimeError as exc:
+            except RuntimeError as exc:  # one contender's failure is a row of the report, not the end of it
                 skipped[name] = f"failed: {exc}"
                 log(f"[{done}/{total}] {name}: FAILED ({str(exc).splitlines()[-1] if str(exc) else exc})")
                 continue
@@ -375,6 +524,23 @@ def _run_isolated(name: str, cfg: CompareConfig) -> dict[str, Any]:
         return json.loads(result.read_text())
 
 
+def _run_here(name: str, cfg: CompareConfig) -> dict[str, Any]:
+    """Run one contender in this process (``CompareConfig(isolate=False)``). Failures come back as RuntimeError
+    with the traceback, as from a worker process, so that compare() reports them the same way."""
+    import traceback
+
+    import torch
+
+    threads = torch.get_num_threads()  # run_contender sets the worker's count; this process keeps its own
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"lorakit-{name}-") as work:
+            return run_contender(name, cfg, work)
+    except Exception:
+        raise RuntimeError(traceback.format_exc()[-2000:]) from None
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _preload_modules(cfg: CompareConfig) -> list[str]:
     """What the fork server imports once so that each worker starts with it (~5 s per worker otherwise: loading
     a transformers model pulls in ~1500 modules). Names that fail to import are skipped by multiprocessing."""
@@ -388,11 +554,11 @@ def _preload_modules(cfg: CompareConfig) -> list[str]:
     except (OSError, ValueError):
         pass
     for name in cfg.methods:
-        spec = _settings(name, cfg.steps)
-        if spec["adapter"]:
-            mods.append(f"lorakit.methods.{spec['adapter']['method']}")
-        if spec.get("quantize") or (spec["adapter"] or {}).get("init") == "loftq":
-            mods += ["lorakit.quant", "lorakit.quant.loftq"]
+        contender = CONTENDERS[name]
+        adapter = contender.adapter_fields(cfg.steps)
+        if adapter:
+            mods.append(f"lorakit.methods.{adapter['method']}")
+        mods += contender.needs
     return list(dict.fromkeys(mods))
 
 
@@ -437,23 +603,6 @@ def _environment() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 QUALITY_MARGIN = 0.03  # every family member should be within 3 accuracy points of LoRA, or the report says why
 
-#: why a method may trail LoRA under a short, fixed step budget (shown when it does)
-KNOWN_REASONS = {
-    "vera": "VeRA trains ~100x fewer parameters (two vectors per layer over frozen random matrices); the paper "
-            "needs many more steps and a higher learning rate to catch up.",
-    "lora_fa": "LoRA-FA freezes A at its random init, so only B adapts: less capacity per step.",
-    "adalora": "AdaLoRA spends the start of the budget at a higher rank and prunes; with a short budget the "
-               "pruning happens before the ranks have learned much.",
-    "sora": "SoRA's soft-threshold shrinks gates towards zero, trading accuracy for a smaller final rank.",
-    "lora_drop": "LoRA-drop spends part of the budget on its measuring stage and shares one adapter across the "
-                 "less important layers.",
-    "delta_lora": "Delta-LoRA only starts moving the base weights after delta_start steps.",
-    "head-only": "baseline: the encoder is frozen, only the classifier head learns.",
-    "pissa": "PiSSA trains the principal components directly and is sensitive to the learning rate.",
-    "qlora": "the 4-bit base changes the pretrained function slightly (NF4 rounding).",
-    "loftq": "the 4-bit base changes the pretrained function slightly (NF4 rounding).",
-}
-
 
 def _fmt_bytes(n: float | None) -> str:
     if n is None or (isinstance(n, float) and math.isnan(n)):
@@ -484,16 +633,17 @@ def table_markdown(rows: Sequence[dict]) -> str:
 
 def quality_notes(rows: Sequence[dict]) -> list[str]:
     """One line per contender that trails LoRA by more than the margin, with the likely reason."""
-    lora = next((r for r in rows if r["name"] == "lora"), None)
+    lora = next((r for r in rows if r["name"] == REFERENCE), None)
     if lora is None or lora["accuracy"] is None:
         return []
     notes = []
     for r in rows:
-        if r["name"] == "lora" or r["accuracy"] is None or r.get("kind", "adapter") != "adapter":
+        if r["name"] == REFERENCE or r["accuracy"] is None or r.get("kind", "adapter") != "adapter":
             continue  # baselines (full fine-tuning, head-only) are references, not family members
         gap = lora["accuracy"] - r["accuracy"]
         if gap > QUALITY_MARGIN:
-            why = KNOWN_REASONS.get(r["name"], "no known reason: treat as a regression and investigate.")
+            contender = CONTENDERS.get(r["name"])
+            why = (contender and contender.trails_because) or "no known reason: treat as a regression and investigate."
             notes.append(f"**{r['name']}** is {100 * gap:.1f} points below LoRA ({r['accuracy']:.3f} vs "
                          f"{lora['accuracy']:.3f}): {why}")
     return notes
@@ -544,8 +694,6 @@ def _plots(rows: Sequence[dict], out: Path) -> list[str]:
 
 def write_report(results: dict[str, Any], out: Path) -> None:
     """Write results.json, report.md, the PNG plots and report.html into ``out`` (each file atomically)."""
-    from .io import atomic_write_text
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = results["rows"]
@@ -581,7 +729,7 @@ _FOOTNOTE = ("Held-out accuracy is from one seed on the held-out rows: its stand
 def _accuracy_se(rows: Sequence[dict], n: int) -> float:
     """Binomial standard error of an accuracy near LoRA's on ``n`` held-out rows."""
     accs = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
-    p = next((r["accuracy"] for r in rows if r["name"] == "lora" and r["accuracy"] is not None),
+    p = next((r["accuracy"] for r in rows if r["name"] == REFERENCE and r["accuracy"] is not None),
              sum(accs) / len(accs) if accs else 0.5)
     return math.sqrt(max(p * (1 - p), 1e-12) / max(1, n))
 

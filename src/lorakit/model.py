@@ -35,9 +35,6 @@ from .registry import (  # re-exported: the bookkeeping lives below the methods,
 #: names of output heads that "all-linear" leaves alone (a model's output embedding is excluded too)
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler_head", "output_head")
 
-# former private names, kept until every caller (io, peft_format, quant, train) uses the public ones
-_registry = registry_or_none
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # targeting
@@ -169,7 +166,6 @@ def check_adapter_name(name: Any) -> None:
                          f"'\\', '|' or surrounding spaces, and not an nn.Module attribute name (e.g. 'keys')")
 
 
-_check_name = check_adapter_name  # former private name (io still imports it)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,7 +245,7 @@ def _check_tied(path: str, partners: tuple, config: AdapterConfig, adapter: Adap
                     or type(adapter).base_requirements(config) is not None)
     if not changes_base:
         return
-    what = f"method={config.method!r}" + (f" with init={config.init!r}" if config.init != "kaiming" else "")
+    what = f"method={config.method!r} with init={config.init!r}"
     if partners:
         names = ", ".join(sorted({p for _, _, p in partners}))
         raise ValueError(

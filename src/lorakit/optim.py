@@ -276,6 +276,18 @@ def _paged_fallback_warning(name: str, plain: str, cuda: bool) -> None:
                   "without paging).", PagedOptimizerFallbackWarning, stacklevel=3)
 
 
+def canonical_optimizer_name(name: str) -> str:
+    """The optimiser's canonical name (case, dashes and aliases such as ``adamw_8bit`` resolved); it may still be
+    unknown (check ``in OPTIMIZERS``).
+
+    Example:
+        >>> canonical_optimizer_name("AdamW-8bit")
+        'adamw8bit'
+    """
+    key = str(name).lower().replace("-", "_")
+    return _ALIASES.get(key, key)
+
+
 def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float = 0.0,
                    loraplus_ratio: float | None = None, **kw: Any) -> torch.optim.Optimizer:
     """An optimiser for ``model``'s trainable parameters, selected by name, with LoRA+ groups if ``loraplus_ratio``.

@@ -61,10 +61,11 @@ class Adapter(nn.Module):
     default_r: ClassVar[int] = 8
     #: True if the method needs its training hooks called (warns once when steps happen without them)
     needs_hooks: ClassVar[bool] = False
+    #: True once the adapter has consolidated its training work (AdaLoRA, once pruned): the warn-once watcher stops
+    #: watching it. A per-instance state with a class default, like ``shifts_base``
+    hooks_done: bool = False
     #: True if the method may add to the frozen base weight (PiSSA, Delta-LoRA)
     shifts_base: bool = False
-    #: True once the training hooks have nothing left to do (AdaLoRA after its final pruning): no longer watched
-    hooks_done: bool = False
     #: which config init values the method accepts
     allowed_inits: ClassVar[tuple[str, ...]] = ("kaiming",)
     #: False if the method's layer function cannot be folded into the base weight

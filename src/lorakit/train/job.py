@@ -227,6 +227,7 @@ def run_job(job: JobConfig) -> dict[str, Any]:
         raise ValueError(f"data {job.data!r} has classification rows (text, label) but the model {job.model!r} is a "
                          f"causal LM; use a classifier model (e.g. --model minilm) for them, or train the LM on the "
                          f"text alone with --set format=text")
+    # the adapter's init must be repeatable from job.yaml alone, so its seed is fixed (and recorded) before loading
     seed, how = _adapter_seed(job, train_cfg)
     if how != "given":
         job = dataclasses.replace(job, adapter={**job.adapter, "seed": seed})  # recorded in job.yaml and the adapter
@@ -236,6 +237,7 @@ def run_job(job: JobConfig) -> dict[str, Any]:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {v: k for k, v in enumerate(labels)}
     train_rows, val_rows = data_mod.split(records, job.val_fraction, seed=train_cfg.seed)
+    # validation rows are never packed: each is scored on its own
     train_set = data_mod.encode(train_rows, tokenizer, fmt, max_length=job.max_length, packing=job.packing,
                                 labels=labels)
     val_set = data_mod.encode(val_rows, tokenizer, fmt, max_length=job.max_length, labels=labels) if val_rows else None
@@ -251,14 +253,14 @@ def run_job(job: JobConfig) -> dict[str, Any]:
     out = Path(train_cfg.output_dir)
     trainer = Trainer(model, train_cfg, train_set, val_set, collate_fn=data_mod.Collator(tokenizer),
                       task="classification" if task == "classification" else "lm")
-    if trainer.info.is_main:
+    if trainer.info.is_main:  # under torchrun every rank runs this function; one writes
         out.mkdir(parents=True, exist_ok=True)
         (out / "job.yaml").write_text(job.to_yaml())
         if how == "drawn":
             print(f"adapter.seed was not set: drew adapter.seed={seed} (recorded in {out / 'job.yaml'} and the "
                   f"adapter's config); --set adapter.seed={seed} repeats this run", file=sys.stderr)
     result = trainer.train()
-    if trainer.info.is_main and not result.interrupted:
+    if trainer.info.is_main and not result.interrupted:  # an interrupted run saved a checkpoint, not adapter/
         (out / "adapter" / RUN_FILE).write_text(json.dumps(
             {"model": path, "task": task, "labels": labels, "max_length": job.max_length}, indent=2))
     return {"output_dir": str(out), "adapter": str(out / "adapter"), "steps": len(result.losses),

@@ -33,6 +33,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from .hooks import regularization_loss, training_hooks
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -69,11 +70,10 @@ class TrainConfig:
         # Every field is checked against its declared type (fields added later are covered too), then its range;
         # numbers written as strings (YAML 1.1 reads 2e-4 as a string) become numbers, nothing else is guessed.
         from ..config import coerce_field
-        from ..optim import _ALIASES, OPTIMIZERS
+        from ..optim import OPTIMIZERS, canonical_optimizer_name
 
         def optimizer_known(name: str) -> bool:
-            key = name.lower().replace("-", "_")
-            return _ALIASES.get(key, key) in OPTIMIZERS
+            return canonical_optimizer_name(name) in OPTIMIZERS
 
         checks: dict[str, tuple[Callable[[Any], bool], str]] = {
             "steps": (lambda v: v >= 1, "an integer >= 1"),
@@ -285,11 +285,11 @@ class Trainer:
         user_model = self.model
         _refuse_merged(user_model)  # before anything changes
         found = self._find_checkpoint() if cfg.resume else None  # reads and checks only: the model is untouched
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # dropout masks repeat run to run (the batch order has its own generator)
         if cfg.gradient_checkpointing and hasattr(user_model, "gradient_checkpointing_enable"):
             user_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         user_model.train()
-        hooks = _training_hooks(user_model)
+        hooks = training_hooks(user_model)  # the methods' work around each step (AdaLoRA, SoRA, Delta-LoRA)
         state = self._restore_adapters(user_model, found) if found is not None else None  # before sharding
         model = dist_utils.wrap(user_model, cfg.distributed, info)
         optimizer = self._make_optimizer(user_model)  # after wrapping: FSDP2 replaces parameters by DTensors
@@ -326,9 +326,9 @@ class Trainer:
                     tokens += _count_tokens(batch)
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                         loss = self.loss_fn(model, batch)
-                        reg = _regularization(user_model)
+                        reg = _regularization(user_model)  # per micro-batch, scaled like the task loss
                         total = (loss + reg) if reg is not None else loss
-                    (total / cfg.grad_accum).backward()
+                    (total / cfg.grad_accum).backward()  # the mean over micro-batches, as one big batch gives
                     loss_sum += loss.detach().float().item() / cfg.grad_accum
                 grad_norm = _grad_norm([p for p in user_model.parameters() if p.requires_grad], cfg.max_grad_norm)
                 if dist_utils.any_rank(not (math.isfinite(loss_sum) and math.isfinite(grad_norm)), info):
@@ -336,13 +336,12 @@ class Trainer:
                 phase = "update"
                 optimizer.step()
                 scheduler.step()
-                if hooks is not None:
-                    hooks.after_step()  # gradients are still there (AdaLoRA reads them)
+                hooks.after_step()  # gradients are still there (AdaLoRA reads them)
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 phase = "boundary"
                 boundary_rng, boundary_buffers = ckpt.rng_state(), [b._version for b in watched]
-                loss_value = dist_utils.all_reduce_mean(loss_sum, info)
+                loss_value = dist_utils.all_reduce_mean(loss_sum, info)  # every rank logs the same number
                 elapsed = time.perf_counter() - t0
                 self.result.losses.append(loss_value)
                 self.result.step_times.append(elapsed)
@@ -357,10 +356,9 @@ class Trainer:
                     self._evaluate(model, step)
                 if out is not None and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     self._save(step, user_model, optimizer, scheduler, hooks)
-            else:
-                if hooks is not None:
-                    phase = "finish"
-                    hooks.finish()
+            else:  # every step ran (a stop request breaks out): consolidate, evaluate, save the adapter
+                phase = "finish"
+                hooks.finish()
                 phase = "final"
                 boundary_rng = ckpt.rng_state()
                 self._evaluate(model, step)
@@ -518,10 +516,10 @@ class Trainer:
         """Write ``ckpt-<step>`` (and ``adapter/`` if ``final``). ``collective=False``: rank 0 alone, no gathers or
         barriers (after an exception; the model must not be sharded). ``rng``: the RNG state to record."""
         from ..io import save as save_adapters
-        from ..model import _registry
+        from ..registry import registry_or_none
 
         # a model without adapters (full fine-tuning, head-only baselines) saves its trainable tensors instead
-        save = save_adapters if _registry(model) is not None else _save_trainable
+        save = save_adapters if registry_or_none(model) is not None else _save_trainable
 
         out = Path(self.config.output_dir)
         folder = out / f"ckpt-{step}"
@@ -541,7 +539,7 @@ class Trainer:
                 "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "rng": rng if rng is not None else ckpt.rng_state(),
-                "hooks": hooks.state_dict() if hooks is not None and hasattr(hooks, "state_dict") else {},
+                "hooks": hooks.state_dict(),
             }
             if folder.name in self._bad_checkpoints and folder.is_dir():  # keep the corrupt one, under a new name
                 moved = ckpt.set_aside(folder)
@@ -603,7 +601,7 @@ class Trainer:
             dist_utils.reshard_optimizer_state(optimizer)
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
-        if hooks is not None and state.get("hooks") and hasattr(hooks, "load_state_dict"):
+        if state.get("hooks"):
             hooks.load_state_dict(state["hooks"])
         trainer = state["trainer"]
         self.result.losses = list(trainer["losses"])
@@ -666,17 +664,16 @@ def _save_trainable(model: nn.Module, path: Path, write_files: bool = True) -> P
 
 def _optimizer_key(name: Any) -> str:
     """The canonical optimiser name (aliases such as ``adamw_8bit`` resolved), as recorded in checkpoints."""
-    from ..optim import _ALIASES
+    from ..optim import canonical_optimizer_name
 
-    key = str(name).lower().replace("-", "_")
-    return _ALIASES.get(key, key)
+    return canonical_optimizer_name(name)
 
 
 def _refuse_merged(model: nn.Module) -> None:
     """Training through merged adapters would update factors whose delta is already inside the base weights."""
-    from ..model import _registry, adapted_layers
+    from ..registry import adapted_layers, registry_or_none
 
-    if _registry(model) is None:
+    if registry_or_none(model) is None:
         return
     merged = sorted({n for _, layer in adapted_layers(model) for n in layer.merged})
     if merged:
@@ -778,18 +775,7 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _training_hooks(model: nn.Module):
-    try:
-        from .hooks import training_hooks
-    except ImportError:  # the hooks module lands with the methods that need it
-        return None
-    return training_hooks(model)
-
-
 def _regularization(model: nn.Module) -> torch.Tensor | None:
-    try:
-        from .hooks import regularization_loss
-    except ImportError:
-        return None
+    """The methods' extra loss term, or None when none contributes (the backward pass then skips it)."""
     reg = regularization_loss(model)
     return reg if isinstance(reg, torch.Tensor) and reg.requires_grad else None
