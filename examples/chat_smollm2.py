@@ -216,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # -- train: the job `lorakit train` runs -----------------------------------------------------------------
     job = JobConfig(model=path, task="lm", data=str(train_file), format="chat", val_fraction=0.0,
                     max_length=args.max_length, quantize=quantize, output_dir=str(args.out),
-                    adapter=adapter_cfg,
+                    adapter={"seed": args.seed, **adapter_cfg},  # --seed repeats the run exactly (adapter init too)
                     train={**train_cfg, **({"lr": args.lr} if args.lr is not None else {}), "steps": args.steps,
                            "batch_size": args.batch_size, "warmup_steps": min(3, args.steps - 1),
                            "seed": args.seed, "log_every": 1, "progress": not args.no_progress})
