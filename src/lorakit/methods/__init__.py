@@ -7,7 +7,6 @@ defined outside the package joins with :func:`register_method`. Importing this m
 from __future__ import annotations
 
 import importlib
-
 from typing import TYPE_CHECKING, Collection
 
 from ..config import use_method_registry
