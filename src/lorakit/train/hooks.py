@@ -28,6 +28,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..layers import AdaptedLayer
 from ..methods.base import HookEntry
 from ..methods.watch import WARNED_METHODS, mark_driven, watch_adapter
 from ..registry import registry_or_none
@@ -50,9 +51,8 @@ def _entries(model: nn.Module, name: str) -> list[HookEntry]:
             layer = model.get_submodule(path)
         except AttributeError:
             continue
-        adapters = getattr(layer, "adapters", None)
-        if adapters is not None and name in adapters:
-            out.append(HookEntry(path, layer, adapters[name]))
+        if isinstance(layer, AdaptedLayer) and name in layer.adapters:
+            out.append(HookEntry(path, layer, layer.adapters[name]))
     return out
 
 
