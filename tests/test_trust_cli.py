@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import lorakit
 from lorakit.cli import main
+from test_cli import run  # the in-process CLI runner the CLI tests share
 
 
 @pytest.fixture(autouse=True)
@@ -22,17 +23,6 @@ def no_progress_bars():
     logging.disable_progress_bar()
     yield
     logging.enable_progress_bar()
-
-
-def run(argv, capsys):
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def one_line_error(code, err, expected_code=2, prefix="error: "):

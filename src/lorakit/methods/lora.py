@@ -218,16 +218,8 @@ class LoraAdapter(Adapter):
         weight = ops.weight_matrix()
         q, a, b = loftq_decompose(weight, self.r, self.scaling, config.loftq_iter, LOFTQ_BASE["blocksize"],
                                   LOFTQ_BASE["double_quant"])
-        bias = ops.bias()
         compute = weight.dtype if weight.dtype in COMPUTE_DTYPES else torch.float32
-        base = Linear4bit(ops.in_features, ops.out_features, bias is not None, compute, q.blocksize, q.double_quant,
-                          bias.dtype if bias is not None else torch.float32, device=weight.device,
-                          weight_dtype=weight.dtype)
-        base.load_nf4(q)
-        if bias is not None:
-            with torch.no_grad():
-                base.bias.copy_(bias.detach())
-        base.train(layer.base.training)
+        base = Linear4bit.from_nf4(q, ops.bias(), compute, weight.dtype, weight.device, layer.base.training)
         self._set(a, b)
         return base
 

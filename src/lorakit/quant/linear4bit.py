@@ -99,15 +99,29 @@ class Linear4bit(nn.Module):
         else:
             raise ValueError(f"Linear4bit.from_linear needs nn.Linear or transformers Conv1D, got "
                              f"{type(module).__name__}")
-        bias = getattr(module, "bias", None)
-        layer = cls(weight.shape[1], weight.shape[0], bias is not None, compute_dtype, blocksize, double_quant,
-                    bias.dtype if bias is not None else torch.float32, device=weight.device,
-                    weight_dtype=weight.dtype)
-        layer.requantize_(weight)
+        q = quantize_nf4(weight, blocksize, double_quant)
+        return cls.from_nf4(q, getattr(module, "bias", None), compute_dtype, weight.dtype, weight.device,
+                            module.training)
+
+    @classmethod
+    def from_nf4(cls, q: NF4Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+                 weight_dtype: torch.dtype, device: torch.device, training: bool = False) -> "Linear4bit":
+        """A layer holding the ``[out, in]`` NF4 tensor ``q`` (its block size and double quantisation) and a copy
+        of ``bias``; ``weight_dtype`` is the dtype the weight had before quantisation.
+
+        Example:
+            >>> q = quantize_nf4(torch.randn(8, 64), 64, False)
+            >>> Linear4bit.from_nf4(q, None, torch.float32, torch.float32, torch.device("cpu")).out_features
+            8
+        """
+        out_features, in_features = q.shape
+        layer = cls(in_features, out_features, bias is not None, compute_dtype, q.blocksize, q.double_quant,
+                    bias.dtype if bias is not None else torch.float32, device=device, weight_dtype=weight_dtype)
+        layer.load_nf4(q)
         if bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(bias.detach())
-        layer.train(module.training)
+        layer.train(training)
         return layer
 
     def requantize_(self, matrix: torch.Tensor) -> None:
