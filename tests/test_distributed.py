@@ -71,3 +71,13 @@ def test_cross_step_state_is_identical_on_every_rank(tmp_path, method):
     assert r0["sha"] == r1["sha"]  # masks, gates, moved base weights: bit-identical across ranks
     launch(tmp_path / "single", "none", method=method, steps=6, procs=1)
     assert_same_adapter(tmp_path / "single", tmp_path / "run", tol=1e-4)
+
+
+def test_a_group_lorakit_started_is_destroyed_before_interpreter_exit():
+    """Regression (CI, 2026-11-29): a rank exited with the gloo group alive and aborted at finalisation (SIGABRT)."""
+    script = str(Path(__file__).with_name("dist_exit.py"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("group alive at exit: False") == 2, proc.stdout

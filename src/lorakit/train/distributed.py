@@ -6,6 +6,7 @@ the backend (NCCL on GPU, gloo on CPU) and tells the trainer which rank writes f
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -44,6 +45,9 @@ def setup() -> DistInfo:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
+        # lorakit started the group, so lorakit ends it: a gloo group still alive when the interpreter finalises
+        # aborts the process from its worker threads (SIGABRT, "terminate called without an active exception").
+        atexit.register(_destroy_group)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -162,6 +166,11 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device="cuda" if torch.cuda.is_available() else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def teardown(info: DistInfo) -> None:
