@@ -1,0 +1,96 @@
+"""A dense weight change as low-rank factors: exact when its rank allows, else the best rank-k approximation.
+
+The one SVD rule shared by everything that turns a weight change into a plain LoRA pair: ``to_lora`` (any family
+member as LoRA), the export targets, and mixing (``combine`` with ``rank``/``energy``). By Eckart–Young, truncating
+the SVD is the best approximation of its rank in the Frobenius and spectral norms, so the reported error is the least
+any rank-k LoRA can have.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["LowRank", "factorize", "check_rank_energy"]
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """``B @ A`` approximates (or equals) a weight change ``delta`` of shape ``[out, in]``.
+
+    ``A``: ``[rank, in]``, ``B``: ``[out, rank]``, both fp32 on ``delta``'s device, the singular values split evenly
+    (``√σ`` in each) so neither factor dwarfs the other. ``exact_rank``: the numerical rank of ``delta`` (singular values
+    above ``max(out, in)·eps·σ_max``). ``rel_error``: ``‖delta − B A‖_F / ‖delta‖_F`` (0 for a zero change).
+    ``energy``: the fraction of ``Σσ²`` kept.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    rank: int
+    exact_rank: int
+    rel_error: float
+    energy: float
+
+    @property
+    def exact(self) -> bool:
+        return self.rank >= self.exact_rank
+
+
+def check_rank_energy(rank: int | None, energy: float | None, what: str = "to_lora") -> None:
+    """Raise ValueError naming the fix for a bad ``rank``/``energy`` pair (at most one; rank ≥ 1; 0 < energy ≤ 1).
+
+    Example:
+        >>> check_rank_energy(8, None)
+        >>> check_rank_energy(None, 0.99)
+    """
+    if rank is not None and energy is not None:
+        raise ValueError(f"{what}: give rank or energy, not both (rank fixes the size; energy picks the smallest "
+                         "rank keeping that fraction of the squared singular values)")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
+        raise ValueError(f"{what}: rank={rank!r} is invalid; use an integer >= 1")
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, numbers.Real)
+                               or not math.isfinite(energy) or not 0 < energy <= 1):
+        raise ValueError(f"{what}: energy={energy!r} is invalid; use a number with 0 < energy <= 1 (e.g. 0.99)")
+
+
+def factorize(delta: torch.Tensor, rank: int | None = None, energy: float | None = None) -> LowRank:
+    """Factor ``delta`` ``[out, in]`` as ``B @ A``.
+
+    ``rank=None, energy=None``: exactly (rank = the numerical rank, at least 1). ``rank=k``: the best rank-``k``
+    approximation, or exactly when ``delta``'s rank is at most ``k`` (then ``rank`` is the smaller exact rank; pad
+    with zeros where a fixed rank is needed). ``energy=e``: the smallest rank keeping ``e`` of ``Σσ²``.
+
+    Example:
+        >>> import torch
+        >>> d = torch.randn(6, 2) @ torch.randn(2, 5)
+        >>> f = factorize(d)
+        >>> f.rank, f.exact, f.rel_error < 1e-5
+        (2, True, True)
+        >>> factorize(torch.randn(6, 5), rank=1).rank
+        1
+    """
+    check_rank_energy(rank, energy, "factorize")
+    if delta.dim() != 2:
+        raise ValueError(f"factorize needs a 2-D [out, in] weight change, got shape {tuple(delta.shape)}")
+    d = delta.detach().float()
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    total = float((s * s).sum())
+    cutoff = (max(d.shape) * torch.finfo(torch.float32).eps * float(s[0])) if s.numel() else 0.0
+    exact_rank = int((s > cutoff).sum()) if total > 0 else 0
+    if rank is not None:
+        k = min(int(rank), max(exact_rank, 1))
+    elif energy is not None and total > 0:
+        kept = torch.cumsum(s * s, 0) / total
+        k = int(torch.searchsorted(kept, torch.tensor(float(energy) - 1e-12, dtype=kept.dtype)).item()) + 1
+        k = min(k, max(exact_rank, 1))
+    else:
+        k = max(exact_rank, 1)
+    root = s[:k].sqrt()
+    B = u[:, :k] * root
+    A = root[:, None] * vh[:k]
+    kept_sq = float((s[:k] * s[:k]).sum())
+    rel = math.sqrt(max(total - kept_sq, 0.0) / total) if total > 0 else 0.0
+    return LowRank(A=A.contiguous(), B=B.contiguous(), rank=k, exact_rank=exact_rank, rel_error=rel,
+                   energy=kept_sq / total if total > 0 else 1.0)
