@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .config import AdapterConfig
 from .io import AdapterLoadError, load, save
+from .io.hotswap import hotswap, prepare_hotswap
 from .layers import AdaptedLayer, UnsupportedLayer
 from .model import (
     active_adapters,
@@ -67,6 +68,8 @@ __all__ = [
     "regularization_loss",
     "training_hooks",
     "merge",
+    "hotswap",
+    "prepare_hotswap",
     "parameter_report",
     "route",
     "run_lora_drop",

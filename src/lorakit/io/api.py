@@ -8,8 +8,10 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..model import registry
-from .lorakit_format import CONFIG_FILE, load_lorakit, save_lorakit
-from .peft import is_peft_folder, load_peft, save_peft
+from .files import AdapterLoadError
+from .loader import AdapterToLoad, install_adapters
+from .lorakit_format import CONFIG_FILE, lorakit_adapters, save_lorakit
+from .peft import PeftFormatError, is_peft_folder, peft_adapters, save_peft
 
 
 def save(model: nn.Module, path: str | os.PathLike, names: str | Sequence[str] | None = None,
@@ -61,8 +63,27 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, tra
         >>> fresh = torch.nn.Sequential(torch.nn.Linear(4, 4))
         >>> _ = lorakit.load(fresh, folder)
     """
+    adapters, foreign = read_adapters(model, path, name)
+    return install_adapters(model, adapters, trainable, foreign=foreign)
+
+
+def read_adapters(model: nn.Module, path: str | os.PathLike, name: str | None = None, new_names: bool = True
+                  ) -> tuple[list[AdapterToLoad], type[AdapterLoadError] | None]:
+    """The adapters :func:`load` would install from ``path`` (either format), read and checked, and the error class
+    for a translated folder (PEFT's), for :func:`~lorakit.io.loader.install_adapters`; nothing changes.
+    ``new_names=False`` lets them have names the model already uses (:func:`lorakit.hotswap`).
+
+    Example:
+        >>> import torch, lorakit, tempfile
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2))
+        >>> folder = lorakit.save(net, tempfile.mkdtemp() + "/adapter")
+        >>> adapters, foreign = read_adapters(net, folder, new_names=False)
+        >>> [a.saved_name for a in adapters], foreign
+        (['default'], None)
+    """
     folder = Path(path)
     # one PEFT adapter, or PEFT's multi-adapter layout (named subfolders); a lorakit config wins
     if not (folder / CONFIG_FILE).exists() and is_peft_folder(folder):
-        return load_peft(model, folder, name=name, trainable=trainable)
-    return load_lorakit(model, folder, name=name, trainable=trainable)
+        return peft_adapters(model, folder, name, new_names), PeftFormatError
+    return lorakit_adapters(model, folder, name, new_names), None

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..layers import AdaptedLayer
-from ..model import build_plan, check_adapter_name, commit_plan, delete, set_active
+from ..model import AttachPlan, build_plan, check_adapter_name, commit_plan, delete, set_active
 from ..registry import registry, registry_or_none
 from .files import SEP, AdapterLoadError
 
@@ -32,9 +32,10 @@ class AdapterToLoad:
 
 
 def choose_adapters(model: nn.Module, available: Sequence[str], name: str | None, folder: Path,
-                    what: str = "adapters") -> list[tuple[str, str]]:
+                    what: str = "adapters", new_names: bool = True) -> list[tuple[str, str]]:
     """``(saved name, new name)`` of the adapters a load installs: all under their own names (``name=None``), the
-    only one renamed to ``name``, or the one called ``name``. Refuses invalid names and names the model has.
+    only one renamed to ``name``, or the one called ``name``. Refuses invalid names and (``new_names=True``, a load)
+    names the model has.
 
     Example:
         >>> import torch
@@ -52,7 +53,7 @@ def choose_adapters(model: nn.Module, available: Sequence[str], name: str | None
     for _, new_name in chosen:
         check_adapter_name(new_name)
     reg = registry_or_none(model)
-    taken = [new for _, new in chosen if reg is not None and new in reg.configs]
+    taken = [new for _, new in chosen if new_names and reg is not None and new in reg.configs]
     if taken:
         raise AdapterLoadError(f"adapter name(s) {taken} already exist on the model; pass name=... or delete them")
     return chosen
@@ -204,15 +205,42 @@ def check_dtype(have: torch.Tensor, got: torch.Tensor, what: str) -> None:
                                f"written by another tool")
 
 
-def _load_one(model: nn.Module, item: AdapterToLoad, trainable: bool, snapshot: _LoadSnapshot) -> None:
-    plan, mine = _prepare_one(model, item)
-    # everything fits: fill the new adapters (not yet part of the model), then commit
+def build_loaded(model: nn.Module, item: AdapterToLoad, foreign: type[AdapterLoadError] | None = None) -> AttachPlan:
+    """``item`` built on the side exactly as a load would install it (every key, shape, dtype and config checked,
+    the new adapters filled with the saved tensors) but not committed: the model is not changed. ``item.new_name``
+    must be free on the model. Used by :func:`lorakit.hotswap`, which copies the values into attached adapters.
+
+    Example:
+        >>> import torch, lorakit, tempfile
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2))
+        >>> folder = lorakit.save(net, tempfile.mkdtemp() + "/adapter")
+        >>> from lorakit.io.lorakit_format import WEIGHTS_FILE, read_folder
+        >>> meta, tensors = read_folder(folder)
+        >>> item = AdapterToLoad(meta["adapters"]["default"], tensors, "default", "x", folder, folder / WEIGHTS_FILE)
+        >>> plan = build_loaded(net, item)
+        >>> torch.equal(plan.entries[0].adapter.A, net[0].adapters["default"].A), lorakit.adapter_names(net)
+        (True, ['default'])
+    """
+    with _errors_as(foreign, item.folder):
+        plan, mine = _prepare_one(model, item)
+        _fill(plan, mine)
+    return plan
+
+
+def _fill(plan: AttachPlan, mine: dict[str, torch.Tensor]) -> None:
+    """Put the saved tensors into the plan's new adapters, shared state and head copies (not yet in the model)."""
     for path, layer, _, adapter, _ in plan.entries:
         adapter.import_state({t: mine[SEP.join(("layer", path, t))] for t in adapter.export_state()})
     if plan.shared is not None:
         plan.shared.load_state_dict({t: mine[SEP.join(("shared", "", t))] for t in plan.shared.state_dict()})
     for mpath, _, _, own in plan.copies:
         own.load_state_dict({t: mine[SEP.join(("module", mpath, t))] for t in own.state_dict()})
+
+
+def _load_one(model: nn.Module, item: AdapterToLoad, trainable: bool, snapshot: _LoadSnapshot) -> None:
+    plan, mine = _prepare_one(model, item)
+    _fill(plan, mine)  # everything fits: fill the new adapters (not yet part of the model), then commit
     plan.entries = [entry._replace(init_result=_shifted_base(entry.layer, entry.adapter)) for entry in plan.entries]
     # base weights a shift will change, kept exactly for a rollback
     snapshot.weights.extend((layer, layer.ops.weight_matrix().clone())

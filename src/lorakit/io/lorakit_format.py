@@ -225,11 +225,28 @@ def load_lorakit(model: nn.Module, path: str | os.PathLike, name: str | None = N
         >>> folder = lorakit.save(net, tempfile.mkdtemp() + "/adapter")
         >>> _ = load_lorakit(torch.nn.Sequential(torch.nn.Linear(4, 4)), folder)
     """
+    return install_adapters(model, lorakit_adapters(model, path, name), trainable)
+
+
+def lorakit_adapters(model: nn.Module, path: str | os.PathLike, name: str | None = None,
+                     new_names: bool = True) -> list[AdapterToLoad]:
+    """The adapters of a lorakit folder that :func:`load_lorakit` would install (chosen by ``name`` as there), read
+    and checked against the model's modules; nothing changes. ``new_names=False`` lets them have names the model
+    already uses (:func:`lorakit.hotswap` replaces one).
+
+    Example:
+        >>> import torch, lorakit, tempfile
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2))
+        >>> folder = lorakit.save(net, tempfile.mkdtemp() + "/adapter")
+        >>> [item.new_name for item in lorakit_adapters(net, folder, new_names=False)]
+        ['default']
+    """
     folder = Path(path)
     meta, tensors = read_folder(folder)
     cfg_file = folder / CONFIG_FILE
     saved = meta["adapters"]
-    chosen = choose_adapters(model, list(saved), name, folder)
+    chosen = choose_adapters(model, list(saved), name, folder, new_names=new_names)
     for saved_name, _ in chosen:
         for key in ("layers", "modules_to_save"):
             for mpath in saved[saved_name].get(key, []):
@@ -239,9 +256,7 @@ def load_lorakit(model: nn.Module, path: str | os.PathLike, name: str | None = N
                     raise AdapterLoadError(f"{cfg_file}: adapters[{saved_name!r}][{key!r}] names module {mpath!r}, "
                                            f"which this model does not have (was it saved from another model?)"
                                            ) from None
-    return install_adapters(
-        model, [AdapterToLoad(saved[s], tensors, s, new, folder, folder / WEIGHTS_FILE) for s, new in chosen],
-        trainable)
+    return [AdapterToLoad(saved[s], tensors, s, new, folder, folder / WEIGHTS_FILE) for s, new in chosen]
 
 
 def restore(model: nn.Module, path: str | os.PathLike) -> None:

@@ -359,18 +359,35 @@ def load_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None
         >>> lorakit.adapter_names(net)
         ['default', 'again']
     """
+    return install_adapters(model, peft_adapters(model, path, name), trainable, foreign=PeftFormatError)
+
+
+def peft_adapters(model: nn.Module, path: str | os.PathLike, name: str | None = None,
+                  new_names: bool = True) -> list[AdapterToLoad]:
+    """The PEFT adapters :func:`load_peft` would install (chosen by ``name`` as there), each translated into
+    lorakit's layout and checked against the model's modules; nothing changes. ``new_names=False`` lets them have
+    names the model already uses (:func:`lorakit.hotswap` replaces one). Errors are :class:`PeftFormatError`.
+
+    Example:
+        >>> import torch, lorakit, tempfile
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2, targets=["0"]))
+        >>> folder = lorakit.save(net, tempfile.mkdtemp() + "/peft", format="peft")
+        >>> peft_adapters(net, folder, new_names=False)[0].entry["config"]["r"]
+        2
+    """
     folder = Path(path)
     found = peft_adapter_folders(folder)
     if not found:
         read_peft_folder(folder)  # raises the precise "no adapter_config.json / no safetensors" error
-    chosen = choose_adapters(model, list(found), name, folder, what="PEFT adapters")
+    chosen = choose_adapters(model, list(found), name, folder, what="PEFT adapters", new_names=new_names)
     # translate every adapter first: all PEFT-side problems surface before the model changes
     adapters = []
     for saved, new in chosen:
         cfg, tensors = read_peft_folder(found[saved])
         entry, flat = peft_to_lorakit(cfg, tensors, model, found[saved])
         adapters.append(AdapterToLoad(entry, flat, "peft", new, found[saved], found[saved] / PEFT_WEIGHTS))
-    return install_adapters(model, adapters, trainable, foreign=PeftFormatError)
+    return adapters
 
 
 # ---------------------------------------------------------------------------------------------------------------

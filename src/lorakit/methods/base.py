@@ -267,6 +267,34 @@ class Adapter(nn.Module):
         naming ``folder`` and the key when it cannot be read."""
         raise ValueError(f"{folder}: method {cls.method!r} does not read PEFT adapters")
 
+    # -- hot-swap (lorakit.prepare_hotswap / lorakit.hotswap) ---------------------------------------------------
+    #: the rank this adapter's tensors are padded to by :meth:`prepare_hotswap`; 0 until then. A per-instance state
+    #: with a class default, like ``shifts_base``
+    hotswap_rank: int = 0
+
+    @classmethod
+    def hotswap_refusal(cls, config: "AdapterConfig") -> str | None:
+        """Why an adapter of this method with ``config`` cannot be hot-swapped (a phrase completing "cannot be
+        hot-swapped: "), or None when it can. Default: refused; LoRA's strategy accepts its plain forms."""
+        return (f"method {cls.method!r} has no hot-swap form (lorakit hot-swaps plain LoRA: every init whose saved "
+                f"form is plain LoRA, rsLoRA); delete the adapter and lorakit.load the other one instead")
+
+    def prepare_hotswap(self, max_rank: int) -> None:
+        """Make room for any adapter of this method up to ``max_rank`` without changing what this one computes:
+        pad its factors with zeros and read the scaling from a tensor, so :meth:`hotswap_from` only copies values
+        (a compiled forward keeps its shapes and constants). Called only when :meth:`hotswap_refusal` is None."""
+        raise NotImplementedError(f"method {self.method!r} does not implement prepare_hotswap")
+
+    def hotswap_check(self, new: "Adapter") -> None:
+        """Raise ValueError naming the layer if ``new`` (the same layer's adapter, built by the loader from a folder)
+        cannot replace this prepared adapter's values in place (a rank above the prepared one)."""
+        raise NotImplementedError(f"method {self.method!r} does not implement hotswap_check")
+
+    def hotswap_from(self, new: "Adapter") -> None:
+        """Copy ``new``'s values into this prepared adapter's tensors in place (checked by :meth:`hotswap_check`), so
+        it computes exactly what ``new`` computes."""
+        raise NotImplementedError(f"method {self.method!r} does not implement hotswap_from")
+
     # -- bookkeeping --------------------------------------------------------------------------------------------
     def is_trainable(self, param_name: str) -> bool:
         return param_name.split(".")[-1] not in self.frozen_params

@@ -229,6 +229,8 @@ class LoraAdapter(Adapter):
         if xa.is_floating_point() and xa.dtype != self.A.dtype:
             xa = xa.to(self.A.dtype)
         z = layer.ops.down(xa, self.A)
+        if self.hotswap_rank:  # prepared for hot-swap: a tensor scaling, so another alpha needs no new graph
+            return y + (layer.ops.up(z, self.B) * self.hotswap_scaling).to(y.dtype)
         if z.dtype == y.dtype:
             return layer.ops.up_add(y, z, self.B, self.scaling)
         return y + (layer.ops.up(z, self.B) * self.scaling).to(y.dtype)
@@ -239,8 +241,9 @@ class LoraAdapter(Adapter):
         Applies to a plain frozen ``nn.Linear`` without hooks, same-dtype input and factors, no autocast, no
         active dropout, and a class that keeps LoRA's :meth:`apply` (subclasses changing the math opt out).
         """
-        if type(self).apply is not LoraAdapter.apply or not can_fuse(self, layer, x, (self.A, self.B)):
-            return None
+        if (self.hotswap_rank or type(self).apply is not LoraAdapter.apply
+                or not can_fuse(self, layer, x, (self.A, self.B))):
+            return None  # (a hot-swap-ready adapter's scaling is a tensor: the generic path reads it)
         return fused_low_rank(layer, x, self.A, self.B, self.scaling)
 
     def delta_weight(self, layer: "AdaptedLayer | None" = None) -> torch.Tensor:
@@ -307,11 +310,61 @@ class LoraAdapter(Adapter):
 
         For PiSSA this is the rank-2r conversion ``s·[B | -B0]·[A ; A0]`` (methods.md §12).
         """
-        if not self.shifts_base:
-            return self.A.detach(), self.B.detach(), self.scaling
+        if not self.shifts_base:  # (the first r rows/columns: a hot-swap-ready adapter is padded with zeros)
+            return self.A.detach()[: self.r], self.B.detach()[:, : self.r], self.scaling
         a = torch.cat([self.A.detach(), self.A0], dim=0)
         b = torch.cat([self.B.detach(), -self.B0], dim=1)
         return a, b, self.scaling
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        state = super().export_state()
+        if self.hotswap_rank:  # saved at its own rank, not the hot-swap padding
+            state["A"], state["B"] = state["A"][: self.r], state["B"][:, : self.r]
+        return state
+
+    # -- hot-swap ---------------------------------------------------------------------------------------------
+    @classmethod
+    def hotswap_refusal(cls, config: "AdapterConfig") -> str | None:
+        """None for plain LoRA (every init whose adapter is just ``A``, ``B`` and ``s``: kaiming, gaussian, init_b,
+        orthogonal, loftq; standard or rsLoRA scaling). Refused: PiSSA (it moved the base weights) and subclasses
+        with their own forward, training hooks or base shifts (DoRA, LoRA-FA, Delta-LoRA)."""
+        if cls.apply is not LoraAdapter.apply or cls.needs_hooks or cls.shifts_base:
+            return super().hotswap_refusal(config)
+        if config.init in PISSA_INITS:
+            return (f"init={config.init!r} moved the base weights to its residual, which another adapter would not "
+                    f"share; save PiSSA adapters with lorakit.save(..., convert_pissa=True) (plain LoRA of rank 2r) "
+                    f"and attach or load that form instead")
+        return None
+
+    def prepare_hotswap(self, max_rank: int) -> None:
+        pad = max_rank - self.A.shape[0]
+        if pad > 0:  # zero rows of A and columns of B add nothing to s·B A
+            with torch.no_grad():
+                a = torch.cat([self.A, self.A.new_zeros((pad, *self.A.shape[1:]))], dim=0)
+                b = torch.cat([self.B, self.B.new_zeros((self.B.shape[0], pad))], dim=1)
+            self.A = nn.Parameter(a, requires_grad=self.A.requires_grad)
+            self.B = nn.Parameter(b, requires_grad=self.B.requires_grad)
+        if not self.hotswap_rank:
+            dtype = torch.promote_types(self.A.dtype, torch.float32)
+            self.register_buffer("hotswap_scaling", torch.tensor(self.scaling, dtype=dtype, device=self.A.device),
+                                 persistent=False)
+        self.hotswap_rank = self.A.shape[0]
+
+    def hotswap_check(self, new: Adapter) -> None:
+        if new.A.shape[0] > self.hotswap_rank:
+            raise ValueError(f"{self.path}: the new adapter has rank {new.A.shape[0]}, above the max_rank "
+                             f"{self.hotswap_rank} this model was prepared for; call lorakit.prepare_hotswap(model, "
+                             f"max_rank={new.A.shape[0]}) (before torch.compile) and hot-swap again")
+
+    def hotswap_from(self, new: Adapter) -> None:
+        r = new.A.shape[0]
+        with torch.no_grad():
+            self.A[:r].copy_(new.A)
+            self.A[r:].zero_()
+            self.B[:, :r].copy_(new.B)
+            self.B[:, r:].zero_()
+            self.hotswap_scaling.fill_(new.scaling)
+        self.r, self.scaling, self.init = r, new.scaling, new.init
 
     # -- PEFT's format ------------------------------------------------------------------------------------------
     #: written with the config's own rank and scaling rule (rsLoRA stays rsLoRA); a subclass whose factors come

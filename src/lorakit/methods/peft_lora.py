@@ -109,7 +109,8 @@ def lora_to_peft(name: str, method: str, config: "AdapterConfig", entries: list[
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for path, layer, adapter in entries:
         if native:
-            a, b, s = adapter.A.detach().float(), adapter.B.detach().float(), adapter.scaling
+            r = adapter.r  # (a hot-swap-ready adapter is padded with zeros past its rank)
+            a, b, s = adapter.A.detach()[:r].float(), adapter.B.detach()[:, :r].float(), adapter.scaling
         else:
             try:
                 a, b, s = (t.detach().float() if torch.is_tensor(t) else t for t in adapter.as_lora_factors())
