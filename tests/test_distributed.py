@@ -73,6 +73,32 @@ def test_cross_step_state_is_identical_on_every_rank(tmp_path, method):
     assert_same_adapter(tmp_path / "single", tmp_path / "run", tol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["adalora", "sora", "delta_lora"])
+def test_hook_methods_train_under_fsdp_like_one_process(tmp_path, method):
+    """AdaLoRA's budget masks and pruning, SoRA's gate steps and pruning, Delta-LoRA's base updates on FSDP2 shards:
+    the same adapter (and, for Delta-LoRA, the same moved base weights) as one process."""
+    launch(tmp_path / "single", "none", method=method, steps=6, procs=1, extra=["--dump", str(tmp_path / "one")])
+    launch(tmp_path / "fsdp", "fsdp", method=method, steps=6, extra=["--dump", str(tmp_path / "dump")])
+    r0 = json.loads((tmp_path / "dump" / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "dump" / "rank1.json").read_text())
+    assert r0["sha"] == r1["sha"]  # every rank holds the same whole model after gathering
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    assert r0["losses"] == pytest.approx(one["losses"], abs=1e-5)
+    assert_same_adapter(tmp_path / "single", tmp_path / "fsdp", tol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["adalora", "sora", "delta_lora"])
+def test_hook_methods_resume_under_fsdp_exactly(tmp_path, method):
+    launch(tmp_path / "full", "fsdp", method=method, steps=6)
+    launch(tmp_path / "part", "fsdp", method=method, steps=6, extra=["--stop-at", "3"])
+    assert (tmp_path / "part" / "ckpt-3").exists() and not (tmp_path / "part" / "adapter").exists()
+    launch(tmp_path / "part", "fsdp", method=method, steps=6, extra=["--resume"])
+    assert_same_adapter(tmp_path / "full", tmp_path / "part", tol=1e-6)
+    full = [json.loads(line)["loss"] for line in open(tmp_path / "full" / "log.jsonl") if '"train"' in line]
+    part = [json.loads(line)["loss"] for line in open(tmp_path / "part" / "log.jsonl") if '"train"' in line]
+    assert part == pytest.approx(full, abs=1e-6)
+
+
 def test_a_group_lorakit_started_is_destroyed_before_interpreter_exit():
     """Regression (CI, 2026-11-29): a rank exited with the gloo group alive and aborted at finalisation (SIGABRT)."""
     script = str(Path(__file__).with_name("dist_exit.py"))

@@ -149,20 +149,29 @@ def test_group_by_length_batches_similar_lengths_and_covers_the_epoch():
     assert [next(again._batch_indices(0))] == batches[:1]  # seeded: same order every time
 
 
-@pytest.mark.parametrize("method", ["adalora", "sora", "delta_lora"])
-def test_fsdp_is_refused_up_front_for_methods_whose_hooks_need_whole_tensors(method):
+def test_fsdp_is_refused_up_front_for_a_member_whose_hooks_need_whole_tensors():
+    """A registered member declaring ``shardable = False`` is refused before anything is sharded (the built-in hook
+    methods, AdaLoRA, SoRA and Delta-LoRA, shard: tests/test_distributed.py trains them under FSDP2)."""
     import lorakit
+    from lorakit.methods import register_method
+    from lorakit.methods.lora import LoraAdapter
     from lorakit.train.distributed import DistInfo, check_shardable, wrap
 
+    class WholeTensorLora(LoraAdapter):
+        method = "whole_tensor_lora"
+        shardable = False
+
+    register_method("whole_tensor_lora", WholeTensorLora)
     net = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 2))
-    extra = {"total_steps": 4, "target_r": 1} if method == "adalora" else {}
-    lorakit.attach(net, lorakit.AdapterConfig(method=method, r=2, **extra))
+    lorakit.attach(net, lorakit.AdapterConfig(method="whole_tensor_lora", r=2))
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    with pytest.raises(ValueError, match=rf"cannot train {method} adapters.*use strategy 'ddp'"):
+    with pytest.raises(ValueError, match=r"cannot train whole_tensor_lora adapters.*use strategy 'ddp'"):
         wrap(net, "fsdp", DistInfo(rank=0, world_size=2))
     # nothing was sharded or changed
     assert all(type(p) is torch.nn.Parameter for p in net.parameters())
     assert all(torch.equal(before[n], p) for n, p in net.named_parameters())
-    plain = torch.nn.Sequential(torch.nn.Linear(6, 6))
-    lorakit.attach(plain, lorakit.AdapterConfig(method="lora", r=2))
-    check_shardable(plain)  # LoRA (and every method without such hooks) shards: no error
+    for method, extra in [("lora", {}), ("sora", {}), ("delta_lora", {}),
+                          ("adalora", {"total_steps": 4, "target_r": 1})]:
+        plain = torch.nn.Sequential(torch.nn.Linear(6, 6))
+        lorakit.attach(plain, lorakit.AdapterConfig(method=method, r=2, **extra))
+        check_shardable(plain)  # shards: no error

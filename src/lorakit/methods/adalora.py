@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .base import Adapter
+from .base import Adapter, placed_like, whole
 from .lora import can_fuse, fused_low_rank
 from .peft_lora import PEFT_MODEL_PREFIX, peft_number
 
@@ -90,7 +90,6 @@ class AdaLoraAdapter(Adapter):
     method = "adalora"
     default_r = 12  # PEFT's init_r
     needs_hooks = True
-    shardable = False  # its hooks index, prune or copy whole tensors; FSDP holds shards (DDP is tested)
     allowed_inits = ("kaiming",)  # the config default; AdaLoRA always uses its own init (λ = 0, A, B ~ N(0, 0.02²))
 
     def __init__(self, ops: "LayerOps", config: "AdapterConfig", path: str, shared: nn.Module | None = None):
@@ -248,7 +247,7 @@ class AdaLoraAdapter(Adapter):
             avg, unc = getattr(self, "ipt_" + pname), getattr(self, "unc_" + pname)
             if avg is None:
                 return torch.zeros(self.r, dtype=self.E.dtype, device=self.E.device)
-            s = avg * unc
+            s = whole(avg) * whole(unc)  # FSDP2: the averages are sharded like their parameters; scores are global
             return s.view(-1) if dim is None else s.mean(dim=dim)
 
         return score("E", None) + (score("A", 1) + score("B", 0))
@@ -256,19 +255,19 @@ class AdaLoraAdapter(Adapter):
     def magnitude_scores(self) -> torch.Tensor:
         """``|λ_i|·‖A_i‖·‖B_:,i‖``: the size of each triplet's term, used when no importance was ever measured."""
         with torch.no_grad():
-            return self.E.view(-1).abs() * self.A.norm(dim=1) * self.B.norm(dim=0)
+            return whole(self.E).view(-1).abs() * whole(self.A).norm(dim=1) * whole(self.B).norm(dim=0)
 
     @torch.no_grad()
     def apply_keep(self, keep: torch.Tensor) -> None:
         """Zero λ of the triplets not kept (they stay trainable and may regrow until the final phase)."""
-        self.E.masked_fill_(~keep.view(-1, 1), 0.0)
+        self.E.masked_fill_(placed_like(~keep.view(-1, 1), self.E), 0.0)  # FSDP2: each rank masks its shard
         self.kept = keep
 
     def prune(self, keep: torch.Tensor) -> None:
         """Shrink the parameters to the kept triplets (the function is unchanged when the others have λ = 0)."""
         idx = keep.nonzero().view(-1).to(self.A.device)
-        with torch.no_grad():
-            a, e, b = self.A[idx].clone(), self.E[idx].clone(), self.B[:, idx].clone()
+        with torch.no_grad():  # under FSDP2 the pruned triplets are whole tensors on every rank
+            a, e, b = whole(self.A)[idx].clone(), whole(self.E)[idx].clone(), whole(self.B)[:, idx].clone()
         trains = self.A.requires_grad
         self.A = nn.Parameter(a, requires_grad=trains)
         self.E = nn.Parameter(e, requires_grad=trains)
@@ -367,7 +366,8 @@ class AdaLoraAdapter(Adapter):
         for _, _, a in entries:
             if a.hooks_done:
                 continue
-            for m in (a.A, a.B.t()):  # both as [r, n]: the Gram matrix is m mᵀ
+            # (whole under FSDP2, outside the forward: differentiable gathers, each rank's gradient is its shard's)
+            for m in (whole(a.A), whole(a.B).t()):  # both as [r, n]: the Gram matrix is m mᵀ
                 by_shape.setdefault((tuple(m.shape), m.dtype, m.device), []).append(m)
         terms = []
         # exact fp32 even inside a bf16 autocast region (the term is tiny matrices, cost is negligible)
@@ -386,7 +386,9 @@ class AdaLoraAdapter(Adapter):
         out = {}
         for path, _, a in entries:
             # copies: the averages are updated in place by later steps
-            state = {n: getattr(a, n).clone() for n in _SCORE_BUFFERS + _MASK_BUFFERS if getattr(a, n) is not None}
+            # (whole tensors: under FSDP2 every rank calls this, in the same order)
+            state = {n: whole(getattr(a, n)).clone() for n in _SCORE_BUFFERS + _MASK_BUFFERS
+                     if getattr(a, n) is not None}
             if state:
                 out[path] = state
         return out
@@ -397,7 +399,9 @@ class AdaLoraAdapter(Adapter):
         for path, _, a in entries:
             for n, t in state.get(path, {}).items():
                 if n in _SCORE_BUFFERS + _MASK_BUFFERS:
-                    setattr(a, n, t.to(a.E.device, copy=True))
+                    t = t.to(a.E.device, copy=True)
+                    # FSDP2: an average is sharded like its parameter (the checkpoint holds the whole tensor)
+                    setattr(a, n, placed_like(t, getattr(a, n[4:])) if n in _SCORE_BUFFERS else t)
 
     # -- PEFT's format: ADALORA ---------------------------------------------------------------------------------
     # PEFT gives every layer ``init_r`` triplets and the scaling ``lora_alpha / (init_r + 1e-5)``, and describes

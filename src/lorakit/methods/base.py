@@ -45,6 +45,33 @@ def kaiming_uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Genera
     return torch.rand(shape, generator=generator) * (2 * bound) - bound
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP2 shard (a DTensor; a collective every rank runs in the same order), or ``t``
+    itself. Training hooks that need a global view (AdaLoRA's budget, SoRA's pruning, Delta-LoRA's product) read
+    their tensors through it, so one process computes exactly what it did before sharding existed.
+
+    Example:
+        >>> whole(torch.ones(2)).tolist()
+        [1.0, 1.0]
+    """
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def placed_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` (a whole tensor, the same on every rank) laid out like ``ref``: this rank's shard of it when ``ref`` is
+    an FSDP2 DTensor (no communication: each rank cuts its own piece), else ``t`` itself.
+
+    Example:
+        >>> placed_like(torch.zeros(2), torch.ones(2)).tolist()
+        [0.0, 0.0]
+    """
+    if not hasattr(ref, "device_mesh"):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t, ref.device_mesh, ref.placements, src_data_rank=None)
+
+
 class HookEntry(NamedTuple):
     """One layer of an adapter, as the training hooks pass it to the per-adapter classmethods (``entries``)."""
 
@@ -70,8 +97,9 @@ class Adapter(nn.Module):
     allowed_inits: ClassVar[tuple[str, ...]] = ("kaiming",)
     #: False if the method's layer function cannot be folded into the base weight
     mergeable: ClassVar[bool] = True
-    #: False if the method's training hooks need whole tensors (pruning ranks, gates, moving the base weight):
-    #: FSDP, which shards them, is then refused up front with a clear error (DDP works)
+    #: False if the method's training hooks cannot run on FSDP2 shards: FSDP is then refused up front with a clear
+    #: error (DDP works). Hooks needing a global view read whole tensors with :func:`whole` and write back with
+    #: :func:`placed_like` (AdaLoRA, SoRA and Delta-LoRA do)
     shardable: ClassVar[bool] = True
     #: parameters that exist but never train (LoRA-FA's A)
     frozen_params: ClassVar[tuple[str, ...]] = ()

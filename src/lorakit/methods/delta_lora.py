@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .base import Adapter
+from .base import Adapter, placed_like, whole
 from .lora import LoraAdapter
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,7 +59,6 @@ class DeltaLoraAdapter(LoraAdapter):
 
     method = "delta_lora"
     needs_hooks = True
-    shardable = False  # its hooks index, prune or copy whole tensors; FSDP holds shards (DDP is tested)
     shifts_base = True
     peft_type = None
     peft_refusal = ("Delta-LoRA, which moves the base weights themselves (W += λ·s·Δ(BA) after every step); "
@@ -113,9 +112,9 @@ class DeltaLoraAdapter(LoraAdapter):
         return result
 
     def _snapshot(self) -> None:
-        with torch.no_grad():
-            self.A_prev.copy_(self.A)
-            self.B_prev.copy_(self.B)
+        with torch.no_grad():  # (whole tensors under FSDP2: the product B A needs all of both)
+            self.A_prev.copy_(whole(self.A.detach()))
+            self.B_prev.copy_(whole(self.B.detach()))
 
     def import_state(self, state: dict[str, torch.Tensor]) -> None:
         super().import_state(state)
@@ -149,8 +148,8 @@ class DeltaLoraAdapter(LoraAdapter):
             with torch.no_grad():
                 acc = self.shift.dtype
                 # B A − B_prev A_prev as one GEMM of width 2r
-                b = torch.cat([self.B.detach().to(acc), -self.B_prev.to(acc)], dim=1)
-                a = torch.cat([self.A.detach().to(acc), self.A_prev.to(acc)], dim=0)
+                b = torch.cat([whole(self.B.detach()).to(acc), -self.B_prev.to(acc)], dim=1)
+                a = torch.cat([whole(self.A.detach()).to(acc), self.A_prev.to(acc)], dim=0)
                 diff = (self.delta_lambda * self.scaling) * (b @ a)
                 self._move_base(layer, diff)
         self._snapshot()
@@ -162,14 +161,17 @@ class DeltaLoraAdapter(LoraAdapter):
             self.shift += diff
             layer._apply_weight(lambda w: w + diff)
             return
+        # under FSDP2 the weight matrix is a DTensor: shift and diff (whole, equal on every rank) are cut to its shard
         if dtype in LOW_PRECISION:
             if self.w0 is None:  # W = round(W₀ + shift) before this update
-                self.w0 = (ops.weight_matrix(self.shift.dtype) - self.shift).to(dtype)
+                w = ops.weight_matrix(self.shift.dtype)
+                self.w0 = (w - placed_like(self.shift, w)).to(dtype)
             self.shift += diff
-            ops.set_weight_matrix(self.w0.to(self.shift.dtype) + self.shift)
+            ops.set_weight_matrix(self.w0.to(self.shift.dtype) + placed_like(self.shift, self.w0))
         else:
             self.shift += diff
-            ops.set_weight_matrix(ops.weight_matrix(self.shift.dtype) + diff)
+            w = ops.weight_matrix(self.shift.dtype)
+            ops.set_weight_matrix(w + placed_like(diff, w))
         for other in layer.adapters.values():
             if other is not self:
                 other.on_base_changed()

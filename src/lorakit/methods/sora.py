@@ -44,7 +44,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..registry import adapted_layers, registry
-from .base import Adapter, kaiming_uniform
+from .base import Adapter, kaiming_uniform, whole
 from .lora import LoraAdapter, can_fuse, fused_low_rank
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -139,7 +139,6 @@ class SoraAdapter(Adapter):
 
     method = "sora"
     needs_hooks = True
-    shardable = False  # its hooks index, prune or copy whole tensors; FSDP holds shards (DDP is tested)
     allowed_inits = ("kaiming",)
 
     def __init__(self, ops: "LayerOps", config: "AdapterConfig", path: str, shared: nn.Module | None = None):
@@ -255,11 +254,13 @@ class SoraAdapter(Adapter):
         for path, layer, adapter in entries:
             if not isinstance(adapter, SoraAdapter):
                 return  # already finished
-            mask = adapter.gate.detach() != 0
+            # whole tensors under FSDP2 (the gate step is elementwise and runs on shards; pruning needs all of it)
+            gate, a_full, b_full = (whole(t.detach()) for t in (adapter.gate, adapter.A, adapter.B))
+            mask = gate != 0
             k = int(mask.sum())
             if k:
-                a = adapter.A.detach()[mask]
-                b = adapter.B.detach()[:, mask] * adapter.gate.detach()[mask]
+                a = a_full[mask]
+                b = b_full[:, mask] * gate[mask]
             else:  # keep a zero rank-1 LoRA: a rank-0 adapter does not exist in the config
                 a = adapter.A.new_zeros(1, adapter.in_features)
                 b = adapter.B.new_zeros(adapter.out_features, 1)

@@ -528,6 +528,8 @@ class Trainer:
         if not collective and not self.info.is_main:
             return None
         optimizer_state = optimizer.state_dict()
+        # the methods' training state: under FSDP gathering it is a collective too (AdaLoRA's sharded averages)
+        hooks_state = hooks.state_dict() if (self.info.is_main or sharded) else None
         if sharded:
             optimizer_state = dist_utils.gather_full(optimizer_state)
         if self.info.is_main:
@@ -539,7 +541,7 @@ class Trainer:
                 "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "rng": rng if rng is not None else ckpt.rng_state(),
-                "hooks": hooks.state_dict(),
+                "hooks": hooks_state,
             }
             if folder.name in self._bad_checkpoints and folder.is_dir():  # keep the corrupt one, under a new name
                 moved = ckpt.set_aside(folder)
