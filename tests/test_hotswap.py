@@ -190,3 +190,17 @@ def test_a_compiled_model_cannot_be_prepared():
     compiled = torch.compile(model, backend="eager")
     with pytest.raises(ValueError, match="before torch.compile"):
         lorakit.prepare_hotswap(compiled, max_rank=4)
+
+
+def test_a_swap_replaces_the_adapters_own_head_too(tmp_path):
+    """modules_to_save: the adapter's own copy of the head takes the new adapter's values; the original stays."""
+    base = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    config = AdapterConfig(r=2, targets=["0"], modules_to_save=["2"])
+    model = _trained(copy.deepcopy(base), config, seed=1)
+    lorakit.prepare_hotswap(model, max_rank=4)
+    folder = _saved(tmp_path, base, AdapterConfig(r=4, alpha=2.0, targets=["0"], modules_to_save=["2"]), 7, "head")
+    lorakit.hotswap(model, folder)
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), lorakit.load(copy.deepcopy(base), folder)(x))
+        assert torch.equal(model[2].original.weight, base[2].weight)
