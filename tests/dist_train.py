@@ -1,6 +1,6 @@
 """Launched by tests/test_distributed.py, under torchrun (2 processes) or alone: trains a tiny Llama and saves.
 
-Args: out_dir strategy method steps [--stop-at N] [--resume] [--dump DIR]
+Args: out_dir strategy method steps [--stop-at N] [--resume] [--dump DIR] [--eval]
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--stop-at", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--dump", default="")
+    ap.add_argument("--eval", action="store_true", help="evaluate (after finish too) on 8 held-out examples")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
@@ -75,7 +76,8 @@ def main() -> None:
     cfg = TrainConfig(steps=args.steps, batch_size=8, lr=1e-2, warmup_steps=0, schedule="constant", seed=0,
                       distributed=args.strategy, output_dir=str(out), progress=False, log_every=1,
                       resume=str(out) if args.resume else None, max_grad_norm=None)
-    trainer = Trainer(model, cfg, data, loss_fn=loss_fn, task="lm")
+    trainer = Trainer(model, cfg, data[:56] if args.eval else data, eval_data=data[56:] if args.eval else None,
+                      loss_fn=loss_fn, task="lm")
     result = trainer.train()
     if args.dump:  # per-rank fingerprint of everything the methods change (adapter tensors and base weights)
         digest = hashlib.sha256()
@@ -86,7 +88,7 @@ def main() -> None:
             digest.update(name.encode() + t.detach().float().cpu().numpy().tobytes())
         Path(args.dump).mkdir(parents=True, exist_ok=True)
         with builtins.__dict__.get("_real_open", open)(os.path.join(args.dump, f"rank{rank}.json"), "w") as fh:
-            fh.write(json.dumps({"sha": digest.hexdigest(), "losses": result.losses}))
+            fh.write(json.dumps({"sha": digest.hexdigest(), "losses": result.losses, "evals": result.evals}))
 
 
 if __name__ == "__main__":

@@ -76,14 +76,17 @@ def test_cross_step_state_is_identical_on_every_rank(tmp_path, method):
 @pytest.mark.parametrize("method", ["adalora", "sora", "delta_lora"])
 def test_hook_methods_train_under_fsdp_like_one_process(tmp_path, method):
     """AdaLoRA's budget masks and pruning, SoRA's gate steps and pruning, Delta-LoRA's base updates on FSDP2 shards:
-    the same adapter (and, for Delta-LoRA, the same moved base weights) as one process."""
-    launch(tmp_path / "single", "none", method=method, steps=6, procs=1, extra=["--dump", str(tmp_path / "one")])
-    launch(tmp_path / "fsdp", "fsdp", method=method, steps=6, extra=["--dump", str(tmp_path / "dump")])
+    the same adapter (and, for Delta-LoRA, the same moved base weights) as one process, also with an evaluation
+    (a sharded forward) after the hooks' finish."""
+    launch(tmp_path / "single", "none", method=method, steps=6, procs=1,
+           extra=["--eval", "--dump", str(tmp_path / "one")])
+    launch(tmp_path / "fsdp", "fsdp", method=method, steps=6, extra=["--eval", "--dump", str(tmp_path / "dump")])
     r0 = json.loads((tmp_path / "dump" / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "dump" / "rank1.json").read_text())
     assert r0["sha"] == r1["sha"]  # every rank holds the same whole model after gathering
     one = json.loads((tmp_path / "one" / "rank0.json").read_text())
     assert r0["losses"] == pytest.approx(one["losses"], abs=1e-5)
+    assert r0["evals"][-1]["eval_loss"] == pytest.approx(one["evals"][-1]["eval_loss"], abs=1e-5)
     assert_same_adapter(tmp_path / "single", tmp_path / "fsdp", tol=1e-4)
 
 

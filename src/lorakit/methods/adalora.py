@@ -36,6 +36,7 @@ Example:
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -346,12 +347,22 @@ class AdaLoraAdapter(Adapter):
             merged = name in layer.merged
             if merged:  # keep merged weights consistent with what unmerge will subtract
                 layer.unmerge([name])
-            a.prune(by_adapter[id(a)])
+            if hasattr(a.A, "device_mesh"):
+                # FSDP2 re-registers the parameters it manages on this module object around every forward (an
+                # evaluation after finish would bring the unpruned ones back): the pruned adapter, holding whole
+                # tensors, is a new module in its place
+                pruned = copy.deepcopy(a)
+                pruned.prune(by_adapter[id(a)])
+                a.hooks_done = True
+                layer.adapters[name] = pruned
+                layer.refresh()
+            else:
+                a.prune(by_adapter[id(a)])
             if merged:
                 layer.merge([name])
         from ..registry import registry
 
-        ranks = {path: a.r for path, _, a in entries}
+        ranks = {path: layer.adapters[name].r for path, layer, _ in entries}
         reg = registry(model)
         reg.configs[name] = config.replace(final_ranks=ranks)
         reg.extra.setdefault(name, {})["final_ranks"] = dict(ranks)
