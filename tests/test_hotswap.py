@@ -62,7 +62,8 @@ def test_swapped_adapters_compute_what_a_fresh_load_computes(tmp_path):
 
 
 def test_swap_matches_the_lora_formula_and_saves_at_the_new_rank(tmp_path):
-    """y = x Wᵀ + b + s·(x Aᵀ) Bᵀ with the new A, B and s = alpha/r, written plainly; save writes rank r, not max."""
+    """y = x Wᵀ + b + s·(x Aᵀ) Bᵀ with the new A, B and s = alpha/r, written plainly; save writes rank r (not
+    max_rank)."""
     base = torch.nn.Sequential(torch.nn.Linear(6, 5))
     model = _trained(copy.deepcopy(base), AdapterConfig(r=2), seed=3)
     lorakit.prepare_hotswap(model, max_rank=7)

@@ -29,6 +29,7 @@ from .lorakit_format import (CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, adapter_
                              restore, save_lorakit)
 
 __all__ = ["AdapterLoadError", "AdapterToLoad", "CONFIG_FILE", "FORMAT_VERSION", "SEP", "WEIGHTS_FILE",
-           "adapter_state", "atomic_folder", "build_loaded", "atomic_write_text", "check_save_target", "choose_adapters",
-           "full_tensor", "hotswap", "install_adapters", "load", "load_lorakit", "prepare_hotswap", "read_folder", "read_safetensors",
-           "remove_stale_temporaries", "restore", "save", "save_lorakit", "write_new_file"]
+           "adapter_state", "atomic_folder", "atomic_write_text", "check_save_target", "choose_adapters",
+           "full_tensor", "install_adapters", "load", "load_lorakit", "read_folder", "read_safetensors",
+           "remove_stale_temporaries", "restore", "save", "save_lorakit", "write_new_file",
+           "build_loaded", "hotswap", "prepare_hotswap"]
