@@ -205,3 +205,28 @@ def test_a_swap_replaces_the_adapters_own_head_too(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x), lorakit.load(copy.deepcopy(base), folder)(x))
         assert torch.equal(model[2].original.weight, base[2].weight)
+
+
+def test_lora_fa_and_a_finished_sora_hot_swap(tmp_path):
+    """LoRA-FA (its frozen A regenerated from the saved seed) and a finished SoRA adapter (plain LoRA by then)."""
+    base = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+    x = torch.randn(5, 6)
+    model = _trained(copy.deepcopy(base), AdapterConfig(method="lora_fa", r=2), seed=1)
+    lorakit.prepare_hotswap(model, max_rank=6)
+    folder = _saved(tmp_path, base, AdapterConfig(method="lora_fa", r=5, alpha=3.0, save_projection=False), 2, "fa")
+    lorakit.hotswap(model, folder)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), lorakit.load(copy.deepcopy(base), folder)(x))
+    again = lorakit.load(copy.deepcopy(base), lorakit.save(model, tmp_path / "fa2"))  # rank 5, A as its seed
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
+    sora = _trained(copy.deepcopy(base), AdapterConfig(method="sora", r=4), seed=3)
+    with torch.no_grad():
+        for _, layer in lorakit.model.adapted_layers(sora):
+            layer.adapters["default"].gate[1] = 0.0  # a pruned gate
+    lorakit.training_hooks(sora).finish()
+    lorakit.prepare_hotswap(sora, max_rank=6)
+    plain = _saved(tmp_path, base, AdapterConfig(r=6, alpha=2.0), 4, "plain")
+    lorakit.hotswap(sora, plain)
+    with torch.no_grad():
+        torch.testing.assert_close(sora(x), lorakit.load(copy.deepcopy(base), plain)(x))

@@ -7,8 +7,8 @@ compiled graph never change. :func:`hotswap` then reads a folder (lorakit's or P
 same checks as :func:`lorakit.load` (:func:`~lorakit.io.loader.build_loaded` builds the new adapters on the side),
 checks that they fit the prepared ones, and only then copies their values in (``Adapter.hotswap_from``). Which
 members can be hot-swapped is each strategy's answer (``Adapter.hotswap_refusal``): plain LoRA with every init whose
-saved form is plain LoRA (kaiming, gaussian, init_b, orthogonal, loftq) and rsLoRA; the others are refused with the
-reason.
+saved form is plain LoRA (kaiming, gaussian, init_b, orthogonal, loftq), rsLoRA, and LoRA-FA; the others are refused
+with the reason.
 """
 from __future__ import annotations
 
@@ -45,8 +45,9 @@ def prepare_hotswap(model: nn.Module, max_rank: int, names: str | Sequence[str] 
     copies values: a ``torch.compile``d model keeps its graph (no recompilation). Call it once, before
     ``torch.compile`` and before building an optimiser (the padded factors are new parameters). Saving still writes
     each adapter at its own rank. Supported: LoRA with every init whose saved form is plain LoRA (kaiming,
-    gaussian, init_b, orthogonal, loftq) and rsLoRA; other members (PiSSA, DoRA, VeRA, LoRA-FA, AdaLoRA, SoRA,
-    Delta-LoRA, LoRA-drop) are refused, before any change, with the reason.
+    gaussian, init_b, orthogonal, loftq), rsLoRA, and LoRA-FA (into a LoRA-FA adapter); other members (PiSSA, DoRA,
+    VeRA, AdaLoRA, SoRA before ``finish``, Delta-LoRA, LoRA-drop) are refused, before any change, with the reason. A
+    finished SoRA adapter is plain LoRA and hot-swaps as such.
 
     Example:
         >>> import torch, lorakit

@@ -305,7 +305,7 @@ class Adapter(nn.Module):
         """Why an adapter of this method with ``config`` cannot be hot-swapped (a phrase completing "cannot be
         hot-swapped: "), or None when it can. Default: refused; LoRA's strategy accepts its plain forms."""
         return (f"method {cls.method!r} has no hot-swap form (lorakit hot-swaps plain LoRA: every init whose saved "
-                f"form is plain LoRA, rsLoRA); delete the adapter and lorakit.load the other one instead")
+                f"form is plain LoRA, rsLoRA; and LoRA-FA); delete the adapter and lorakit.load the other one instead")
 
     def prepare_hotswap(self, max_rank: int) -> None:
         """Make room for any adapter of this method up to ``max_rank`` without changing what this one computes:

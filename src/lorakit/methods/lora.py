@@ -327,7 +327,8 @@ class LoraAdapter(Adapter):
     def hotswap_refusal(cls, config: "AdapterConfig") -> str | None:
         """None for plain LoRA (every init whose adapter is just ``A``, ``B`` and ``s``: kaiming, gaussian, init_b,
         orthogonal, loftq; standard or rsLoRA scaling). Refused: PiSSA (it moved the base weights) and subclasses
-        with their own forward, training hooks or base shifts (DoRA, LoRA-FA, Delta-LoRA)."""
+        with their own forward, training hooks or base shifts (DoRA, Delta-LoRA) unless they say otherwise
+        (LoRA-FA does)."""
         if cls.apply is not LoraAdapter.apply or cls.needs_hooks or cls.shifts_base:
             return super().hotswap_refusal(config)
         if config.init in PISSA_INITS:

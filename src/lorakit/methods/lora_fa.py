@@ -41,7 +41,7 @@ from torch import nn
 
 from ..layers import LayerOps
 from ..registry import adapted_layers
-from .base import kaiming_uniform
+from .base import Adapter, kaiming_uniform
 from .lora import LoraAdapter
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -157,9 +157,23 @@ class LoraFAAdapter(LoraAdapter):
         xa = x.to(self.A.dtype) if x.dtype != self.A.dtype else x
         seed = int(torch.randint(0, 2**62, (1,)).item())  # from the global RNG, so torch.manual_seed reproduces it
         z = _DropoutDown.apply(xa, self.A, p, seed)
+        if self.hotswap_rank:  # prepared for hot-swap: the scaling is a tensor (see LoraAdapter.apply)
+            return y + (layer.ops.up(z, self.B) * self.hotswap_scaling).to(y.dtype)
         if z.dtype == y.dtype:
             return layer.ops.up_add(y, z, self.B, self.scaling)
         return y + (layer.ops.up(z, self.B) * self.scaling).to(y.dtype)
+
+    # -- hot-swap: LoRA's padding and tensor scaling, plus the frozen A's seed ---------------------------------------
+    @classmethod
+    def hotswap_refusal(cls, config: "AdapterConfig") -> str | None:
+        """None: a LoRA-FA adapter is ``A`` (frozen, or its seed), ``B`` and ``s``; LoRA's padding applies."""
+        return None
+
+    def hotswap_from(self, new: Adapter) -> None:
+        super().hotswap_from(new)
+        with torch.no_grad():
+            self.A_seed.copy_(new.A_seed)
+        self.save_A = new.save_A
 
     def extra_repr(self) -> str:
         return f"method=lora_fa, r={self.r}, scaling={self.scaling:g}, A frozen (seed {int(self.A_seed)})"
