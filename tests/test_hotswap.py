@@ -35,6 +35,10 @@ def _conv_inputs():
     return torch.randn(2, 3, 5, 5, generator=g), torch.randint(0, 20, (2, 4), generator=g)
 
 
+def _adapters(model):
+    return [layer.adapters["default"] for _, layer in lorakit.model.adapted_layers(model)]
+
+
 def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -230,3 +234,36 @@ def test_lora_fa_and_a_finished_sora_hot_swap(tmp_path):
     lorakit.hotswap(sora, plain)
     with torch.no_grad():
         torch.testing.assert_close(sora(x), lorakit.load(copy.deepcopy(base), plain)(x))
+
+
+def test_an_interrupted_swap_puts_every_value_back(tmp_path, monkeypatch):
+    """Ctrl-C while the values are copied (after the first layer): every layer and the config are as before."""
+    from lorakit.methods.lora import LoraAdapter
+
+    base = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+    model = _trained(copy.deepcopy(base), AdapterConfig(r=2), seed=1)
+    lorakit.prepare_hotswap(model, max_rank=4)
+    folder = _saved(tmp_path, base, AdapterConfig(r=3, alpha=7.0), 2, "b")
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        before = model(x)
+    real, calls = LoraAdapter.hotswap_from, []
+
+    def interrupted(self, new):
+        calls.append(self.path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(self, new)
+
+    monkeypatch.setattr(LoraAdapter, "hotswap_from", interrupted)
+    _state_before, configs = _state(model), dict(registry(model).configs)
+    ranks_and_scalings = [(a.r, a.scaling) for a in _adapters(model)]
+    with pytest.raises(KeyboardInterrupt):
+        lorakit.hotswap(model, folder)
+    assert len(calls) == 2
+    after = model.state_dict()
+    assert all(torch.equal(_state_before[k], after[k]) for k in _state_before)
+    assert dict(registry(model).configs) == configs
+    assert [(a.r, a.scaling) for a in _adapters(model)] == ranks_and_scalings
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
