@@ -33,6 +33,11 @@ def _uncompiled(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
 
 
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``module`` (non-persistent ones too), by name."""
+    return {**dict(module.named_parameters()), **{k: v for k, v in module.named_buffers() if v is not None}}
+
+
 def _layers_of(model: nn.Module, name: str) -> list[tuple[str, AdaptedLayer, Adapter]]:
     return [(path, layer, layer.adapters[name]) for path, layer in adapted_layers(model) if name in layer.adapters]
 
@@ -161,8 +166,9 @@ def hotswap(model: nn.Module, path: str | os.PathLike, name: str = "default") ->
     copies = [(saved_copy(model, mpath, name), own) for mpath, _, _, own in plan.copies]
 
     # every check passed: copy the values in; a failure part-way (Ctrl-C) puts the old values back
-    before = [(a, {k: v.detach().clone() for k, v in a.state_dict(keep_vars=True).items()}, a.r, a.scaling)
-              for a, _ in pairs]
+    # (every parameter and buffer by value, saved or not; plain attributes, e.g. r, scaling, init, as they were)
+    before = [(a, {k: v.detach().clone() for k, v in _tensors(a).items()},
+               {k: v for k, v in vars(a).items() if not k.startswith("_")}) for a, _ in pairs]
     before_heads = [(m, {k: v.detach().clone() for k, v in m.state_dict().items()}) for m, _ in copies]
     try:
         for old, new in pairs:
@@ -172,15 +178,12 @@ def hotswap(model: nn.Module, path: str | os.PathLike, name: str = "default") ->
                 for key, value in module.state_dict().items():
                     value.copy_(own.state_dict()[key])
     except BaseException:
-        for adapter, state, r, scaling in before:
-            swapped = adapter.state_dict()
+        for adapter, state, attributes in before:
+            swapped = _tensors(adapter)
             with torch.no_grad():
                 for key, value in state.items():
                     swapped[key].copy_(value)
-            adapter.r, adapter.scaling = r, scaling
-            if hasattr(adapter, "hotswap_scaling"):
-                with torch.no_grad():
-                    adapter.hotswap_scaling.fill_(scaling)
+            adapter.__dict__.update(attributes)
         for module, state in before_heads:
             module.load_state_dict(state)
         raise
