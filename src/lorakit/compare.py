@@ -449,8 +449,11 @@ def expand_sweep(methods: Sequence[str], sweep: str, steps: int = 50) -> list[st
     seen: dict[str, str] = {}
     kept = []
     for spec in out:
+        check_contender(spec, steps)  # a value the method rejects is named here, before anything trains
         contender = contender_for(spec)
-        ident = json.dumps([contender.adapter_fields(steps), contender.train, contender.kind,
+        fields_ = contender.adapter_fields(steps)
+        resolved = AdapterConfig(**fields_).to_dict() if fields_ is not None else None  # defaults spelled out
+        ident = json.dumps([resolved, contender.train, contender.kind,
                             contender.prepare.label if contender.prepare else None], sort_keys=True, default=str)
         if ident in seen:
             continue
@@ -465,7 +468,14 @@ def sweep_value(row: dict, key: str) -> Any:
     adapter = settings.get("adapter") or {}
     if key in adapter:
         return adapter[key]
-    return (settings.get("train") or {}).get(key)
+    if key in TRAIN_VARIANT_FIELDS:
+        return (settings.get("train") or {}).get(key)
+    if adapter and key in _adapter_field_names():
+        try:
+            return AdapterConfig(**adapter).to_dict()[key]  # a default the settings leave out (init=kaiming)
+        except ValueError:
+            return None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1315,7 +1325,7 @@ NUMERIC_KEYS = ("trainable_params", "total_params", "trainable_pct", "accuracy",
                 "model_weight_bytes", "trainable_bytes", "optimizer_state_bytes", "activation_bytes_per_token",
                 "train_memory_bytes", "steps")
 
-# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (above 30: 2.0 up to 60, then 1.96)
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
@@ -1328,7 +1338,10 @@ def t_critical(df: int) -> float:
     """
     if df < 1:
         raise ValueError(f"df={df} is invalid; allowed: an integer >= 1")
-    return _T975[df - 1] if df <= 30 else (2.0 if df <= 60 else 1.96)
+    if df <= 30:
+        return _T975[df - 1]
+    z = 1.959964  # above 30: the Cornish-Fisher expansion around the normal quantile (error < 1e-4)
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
 def _number(v: Any) -> bool:
@@ -1458,7 +1471,7 @@ def _diff_text(spec: TaskSpec, diff: float) -> str:
 def _noise_text(spec: TaskSpec, result: dict | None, fmt: Callable[[float], str] | None = None) -> str:
     if result is None or result.get("beyond_noise") is None:
         how = (result or {}).get("how", "no common seeds")
-        return f"whether that exceeds the noise is unknown ({how})"
+        return f"of unknown significance ({how})"
     margin = fmt(result["margin"]) if fmt is not None else _diff_text(spec, result["margin"])
     verdict = "more than the noise" if result["beyond_noise"] else "within the noise"
     return f"{verdict} (±{margin} at 95%, {result['how']})"
@@ -1657,52 +1670,57 @@ def _family(row: dict) -> str:
 
 
 def place_labels(ax, xs: Sequence[float], ys: Sequence[float], labels: Sequence[str], fontsize: float = 7,
-                 max_rounds: int = 300) -> list:
-    """Annotate points (xs, ys) with ``labels`` so that no two labels overlap: each starts just above-right of
-    its point and overlapping pairs are pushed apart vertically until none overlap; a thin line leads back to
-    the point. Returns the annotations.
+                 max_rounds: int = 500) -> list:
+    """Annotate points (xs, ys) with ``labels`` so that no two label boxes overlap: each label starts just
+    above-right of its point, then overlapping pairs are pushed apart vertically (in pixels, with the figure's
+    current layout: call it after ``tight_layout``) until none overlap; a thin line leads back to the point.
+    Returns the annotations.
 
     Example:
         >>> import matplotlib; matplotlib.use("Agg")
         >>> import matplotlib.pyplot as plt
+        >>> from matplotlib.text import Text
         >>> fig, ax = plt.subplots()
         >>> _ = ax.scatter([1, 1], [1, 1])
         >>> a, b = place_labels(ax, [1, 1], [1, 1], ["one", "two"])
         >>> fig.canvas.draw(); r = fig.canvas.get_renderer()
-        >>> a.get_window_extent(r).overlaps(b.get_window_extent(r))
+        >>> Text.get_window_extent(a, r).overlaps(Text.get_window_extent(b, r))
         False
     """
+    from matplotlib.text import Text
+
     fig = ax.figure
     texts = [ax.annotate(label, (x, y), xytext=(4.0, 3.0), textcoords="offset points", fontsize=fontsize,
+                         ha="left", va="bottom",
                          arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "#888888", "shrinkA": 0, "shrinkB": 2})
              for x, y, label in zip(xs, ys, labels)]
     if len(texts) < 2:
         return texts
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
-    points_per_pixel = 72.0 / fig.dpi
-    offsets = [[4.0, 3.0] for _ in texts]
+    pixels_per_point = fig.dpi / 72.0
+    anchors = ax.transData.transform(list(zip(xs, ys)))
+    sizes = [(b.width, b.height) for b in (Text.get_window_extent(t, renderer) for t in texts)]
+    dx, gap = 4.0 * pixels_per_point, 1.0
+    y0 = [a[1] + 3.0 * pixels_per_point for a in anchors]  # each box's bottom edge, in pixels
+    x0 = [a[0] + dx for a in anchors]
     for _ in range(max_rounds):
-        boxes = [t.get_window_extent(renderer) for t in texts]
         moved = False
-        order = sorted(range(len(texts)), key=lambda i: boxes[i].y0)
-        for a_i, i in enumerate(order):
-            for j in order[a_i + 1:]:
-                bi, bj = boxes[i], boxes[j]
-                if bj.y0 > bi.y1 + 1:
-                    break  # sorted by bottom edge: nothing further up can overlap i
-                if bi.x1 + 1 < bj.x0 or bj.x1 + 1 < bi.x0:
+        order = sorted(range(len(texts)), key=lambda i: y0[i])
+        for n_i, i in enumerate(order):
+            for j in order[n_i + 1:]:
+                if y0[j] >= y0[i] + sizes[i][1] + gap:
+                    break  # sorted by bottom edge: nothing further up can overlap box i
+                if x0[i] + sizes[i][0] + gap <= x0[j] or x0[j] + sizes[j][0] + gap <= x0[i]:
                     continue
-                overlap = min(bi.y1, bj.y1) - max(bi.y0, bj.y0) + 2  # pixels, plus a small gap
-                if overlap <= 0:
-                    continue
-                offsets[i][1] -= overlap / 2 * points_per_pixel
-                offsets[j][1] += overlap / 2 * points_per_pixel
+                push = (y0[i] + sizes[i][1] + gap - y0[j]) / 2 + 0.01
+                y0[i] -= push
+                y0[j] += push
                 moved = True
-        for t, off in zip(texts, offsets):
-            t.xyann = (off[0], off[1])
         if not moved:
             break
+    for t, a, bottom in zip(texts, anchors, y0):
+        t.xyann = (dx / pixels_per_point, (bottom - a[1]) / pixels_per_point)
     return texts
 
 
@@ -1762,14 +1780,15 @@ def _plots(rows: Sequence[dict], out: Path, spec: TaskSpec | None = None, sweep:
                     zorder=3 if is_ref else 2)
     if ref is not None and _number(ref.get(key)):
         ax.axhline(ref[key], color="#d62728", linewidth=0.8, linestyle="--", alpha=0.6)
-    place_labels(ax, [max(r["trainable_params"], 1) for r in have], [r[key] for r in have],
-                 [r["name"] for r in have])
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel(spec.metric_label + ("" if spec.higher_is_better else " (lower is better)"))
     ax.set_title(f"{spec.metric_label} vs trainable parameters (red star and dashed line: {REFERENCE})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    if have:  # after the layout is final: the labels are placed in pixels
+        place_labels(ax, [max(r["trainable_params"], 1) for r in have], [r[key] for r in have],
+                     [r["name"] for r in have])
     fig.savefig(out / scatter)
     plt.close(fig)
     names.append(scatter)
@@ -1838,7 +1857,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     md += ["## Results", "", table_markdown(rows, cfg.get("task", "classification")), ""]
     md += [_footnote(rows, cfg, spec), ""]
     if results["comparisons"]:
-        md += ["## Differences from LoRA", "", _comparison_intro(seeds), "",
+        md += ["## Differences from LoRA", "", _comparison_intro(seeds, spec), "",
                comparisons_markdown(results["comparisons"], spec), ""]
     if any(_number(r.get("train_memory_bytes")) for r in rows):
         md += ["## What each method costs", "", COSTS_NOTE, "", costs_markdown(rows), ""]
@@ -1869,7 +1888,10 @@ COSTS_NOTE = ("Measured in each contender's run, so that they isolate the method
               "(which includes the Python runtime, data and tokenizer).")
 
 
-def _comparison_intro(seeds: int) -> str:
+def _comparison_intro(seeds: int, spec: TaskSpec | None = None) -> str:
+    if seeds <= 1 and spec is not None and spec.metric != "accuracy":
+        return ("One seed: the seed-to-seed noise of the held-out loss is unknown, so no difference is called real; "
+                "run with `--seeds 3` or more for a paired comparison.")
     if seeds > 1:
         return (f"A paired comparison over the {seeds} seeds: for each seed, the contender's figure minus LoRA's "
                 f"(same seed, same held-out rows); a difference counts only if its mean exceeds the 95% margin of a "
@@ -1966,7 +1988,7 @@ def _html(results, rows, notes, skipped, intro, out: Path, plots: list[str], spe
         verdict = {True: "yes", False: "no (within the noise)", None: "unknown"}[c.get("beyond_noise")]
         comp_rows.append(f"<tr><td>{html.escape(name)}</td><td>{diff}</td><td>{margin}</td><td>{verdict}</td>"
                          f"<td class=left>{html.escape(c.get('how', ''))}</td></tr>")
-    comp_html = (f"<h2>Differences from LoRA</h2><p>{_md_to_html(_comparison_intro(results['config'].get('seeds', 1) or 1))}</p>"
+    comp_html = (f"<h2>Differences from LoRA</h2><p>{_md_to_html(_comparison_intro(results['config'].get('seeds', 1) or 1, spec))}</p>"
                  f"<table><thead><tr><th>method</th><th>{html.escape(spec.metric_label)} minus LoRA's</th>"
                  f"<th>noise (95%)</th><th>differs?</th><th>how</th></tr></thead><tbody>{''.join(comp_rows)}"
                  f"</tbody></table>") if comp_rows else ""
