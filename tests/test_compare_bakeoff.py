@@ -424,6 +424,28 @@ def test_classification_with_seeds_a_variant_and_resume(tmp_path, tiny_classifie
 
 
 @pytest.mark.slow
+def test_a_time_budget_and_learning_rate_tuning(tmp_path, tiny_classifier_folder, capsys):
+    model_dir, data = tiny_classifier_folder
+    out = tmp_path / "report"
+    code, _, err = run_cli(["compare", "--model", str(model_dir), "--data", str(data), "--methods", "lora,adalora",
+                            "--budget-seconds", "0.5", "--tune-lr", "--batch-size", "8", "--eval-size", "12",
+                            "--out", str(out)], capsys)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    for row in results["rows"]:
+        run = row["runs"][0]
+        assert row["steps"] == len(row["losses"]) >= 1  # as many steps as fit, set by the calibration run
+        table_lr = contender_for(row["name"]).train["lr"]
+        tried = sorted(float(k) for k in run["lr_tried"])
+        assert tried == pytest.approx([table_lr / 3, table_lr, table_lr * 3], rel=1e-2)
+        best = max(run["lr_tried"].items(), key=lambda kv: kv[1])
+        assert row["settings"]["train"]["lr"] == pytest.approx(float(best[0]), rel=1e-2)
+    adalora = next(r for r in results["rows"] if r["name"] == "adalora")
+    assert adalora["settings"]["adapter"]["total_steps"] == adalora["steps"]  # its schedule follows the budget
+    assert "learning rates tuned per contender" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_causal_lm_bake_off_on_a_tiny_chat_model(tmp_path, tiny_chat_folder, capsys):
     model_dir, data = tiny_chat_folder
     out = tmp_path / "report"

@@ -956,7 +956,7 @@ def _tune_lr(name: str, cfg: CompareConfig, workdir: str, seed: int, steps: int)
     tried: dict[str, float] = {}
     best_lr, best_q = base_lr, None
     short = max(3, steps // 3)
-    for factor in (1 / 3, 1.0, 3.0):
+    for factor in (1.0, 1 / 3, 3.0):  # the table's rate first: it wins ties
         lr = base_lr * factor
         loaded = _load(name, cfg, os.path.join(workdir, f"tune-{factor:g}"), seed, short, lr, tune_train, tune_eval)
         try:
