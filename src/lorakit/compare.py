@@ -1924,6 +1924,7 @@ def _footnote(rows: Sequence[dict], cfg: dict, spec: TaskSpec) -> str:
                  "and tokenizer included); the adapter file is what `lorakit.save` writes (for full and head-only: "
                  "every trainable tensor in safetensors). Learning rates are per method (`lorakit compare --list` "
                  "shows them), chosen by a small sweep on the classification task"
+                 + (f" (this task uses them x{spec.lr_scale:g})" if spec.lr_scale != 1.0 else "")
                  + ("; `--tune-lr` tried each at x1/3, x1 and x3 first." if cfg.get("tune_lr") else "."))
     return " ".join(parts)
 
