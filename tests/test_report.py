@@ -57,15 +57,26 @@ def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (./run.sh test installs Debian's package)")
-def test_html_report_opens_in_headless_chromium_without_console_errors(tmp_path):
-    write_report(fake_results(tmp_path), tmp_path / "report")
-    page = (tmp_path / "report" / "report.html").resolve()
+def open_in_chromium(page, images: int) -> str:
+    """Open ``page`` in headless Chromium: it renders (a table and ``images`` embedded PNG images, each a valid
+    PNG) with no console errors; returns the rendered DOM."""
+    import base64
+    import re
+
     proc = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
-                           "--v=0", "--virtual-time-budget=3000", "--dump-dom", page.as_uri()],
+                           "--v=0", "--virtual-time-budget=3000", "--dump-dom", page.resolve().as_uri()],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     dom = proc.stdout
-    assert "<table>" in dom and "lora" in dom and dom.count("<img") == 2
+    assert "<table>" in dom and "lora" in dom and dom.count("<img") == images
+    for data in re.findall(r'src="data:image/png;base64,([^"]+)"', dom):
+        assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console, console
+    return dom
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (./run.sh test installs Debian's package)")
+def test_html_report_opens_in_headless_chromium_without_console_errors(tmp_path):
+    write_report(fake_results(tmp_path), tmp_path / "report")
+    open_in_chromium(tmp_path / "report" / "report.html", images=2)

