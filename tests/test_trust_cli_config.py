@@ -2,6 +2,7 @@
 type-checked, so a wrong value is one ValueError naming the field, never a silent acceptance or another exception."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -218,6 +219,7 @@ def test_property_job_config_is_valid_or_one_value_error(items, tmp_path_factory
     import yaml
 
     raw: dict = {}
+    items = copy.deepcopy(items)  # JUNK's dicts are shared between examples: nesting into one must not mutate it
     for key, value in items:
         section, _, sub = key.partition(".")
         if sub:
