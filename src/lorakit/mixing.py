@@ -194,7 +194,7 @@ def mix_task_vectors(deltas: Sequence[torch.Tensor], weights: Sequence[float], h
     Example:
         >>> d = [torch.tensor([[1.0, -2.0]]), torch.tensor([[3.0, 1.0]])]
         >>> mix_task_vectors(d, [1.0, 1.0], "ties", density=1.0)
-        tensor([[2., 1.]])
+        tensor([[ 2., -2.]])
     """
     taus = [float(w) * d.float() for d, w in zip(deltas, weights)]
     if how == "task_arithmetic":
