@@ -247,6 +247,46 @@ def inspect(adapter: Path = typer.Argument(..., help="adapter folder (lorakit or
     typer.echo(describe_adapter(adapter))
 
 
+@app.command()
+def mix(
+    adapters: List[Path] = typer.Argument(..., help="two or more adapter folders (lorakit or PEFT) on one base"),
+    out: Path = typer.Option(..., "--out", help="folder for the mixed adapter"),
+    weights: Optional[str] = typer.Option(None, help="comma-separated, one per adapter (default: 1 each)"),
+    how: str = typer.Option("task_arithmetic", help="task_arithmetic, ties, dare_linear, dare_ties, "
+                                                    "magnitude_prune, cat, linear or svd"),
+    density: Optional[float] = typer.Option(None, help="fraction of each task vector kept (ties, dare_*, "
+                                                       "magnitude_prune), 0 < density <= 1"),
+    majority_sign: str = typer.Option("total", help="TIES sign election: total or frequency"),
+    seed: Optional[int] = typer.Option(None, help="DARE's random drop (required for dare_*)"),
+    rank: Optional[int] = typer.Option(None, help="rank of the result (default: the mix exactly)"),
+    energy: Optional[float] = typer.Option(None, help="smallest rank keeping this fraction of the energy"),
+    model: Optional[str] = typer.Option(None, help="base model (default: the one the adapters were trained on)"),
+) -> None:
+    """Mix saved adapters into one plain-LoRA adapter (TIES, DARE, magnitude prune, task arithmetic, ...).
+
+    Examples:
+
+      lorakit mix runs/movies/adapter runs/tweets/adapter --weights 0.7,0.3 --how ties --density 0.5 --out mixed/
+
+      lorakit mix a/ b/ --how dare_linear --density 0.3 --seed 1 --rank 16 --out mixed/
+    """
+    from .train.mix import mix_folders, parse_weights
+
+    _reading(*adapters, model)
+    options = {k: v for k, v in dict(density=density, seed=seed, rank=rank, energy=energy).items() if v is not None}
+    if majority_sign != "total":
+        options["majority_sign"] = majority_sign
+    report = mix_folders(adapters, out, how=how, weights=parse_weights(weights, len(adapters)), model=model,
+                         **options)
+    layers = report.get("layers") or {}
+    if layers:
+        ranks = [v["rank"] for v in layers.values()]
+        fit = "exact" if report["exact"] else f"approximate, max relative error {report['max_rel_error']:.3g}"
+        typer.echo(f"{how} mix of {len(adapters)} adapters: {len(layers)} layers, rank {min(ranks)}..{max(ranks)}, "
+                   f"{fit}")
+    typer.echo(f"mixed adapter written to {out}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input (exit code 2), as opposed to a bug (exit code 1)."""
