@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .job import RUN_FILE, _run_info, load_base
+from .job import RUN_FILE, detect_task, load_base, resolve_model_path
 
 __all__ = ["parse_weights", "mix_folders"]
 
@@ -48,6 +48,24 @@ def _recorded_base(folder: Path) -> str | None:
         if isinstance(value, str) and value:
             return os.path.realpath(value) if os.path.isdir(value) else value
     return None
+
+
+def _base_info(folder: Path, model: str | None) -> dict[str, Any]:
+    """Base model folder, task and labels of an adapter folder: ``--model`` first, else its ``lorakit_run.json``."""
+    info: dict[str, Any] = {}
+    if (folder / RUN_FILE).exists():
+        try:
+            info = json.loads((folder / RUN_FILE).read_text())
+        except ValueError as exc:
+            raise ValueError(f"{folder / RUN_FILE} is not valid JSON ({exc}); fix it or pass --model") from None
+        if not isinstance(info, dict):
+            raise ValueError(f"{folder / RUN_FILE} must hold a JSON object; fix it or pass --model")
+    if model is not None:
+        info["model"] = resolve_model_path(model)
+    if not isinstance(info.get("model"), str):
+        raise ValueError(f"{folder} does not say which base model it belongs to; pass --model FOLDER")
+    info.setdefault("task", detect_task(info["model"]))
+    return info
 
 
 def _names(folders: Sequence[Path]) -> list[str]:
@@ -103,7 +121,7 @@ def mix_folders(adapters: Sequence[str | os.PathLike], out: str | os.PathLike,
     if len(bases) > 1:
         detail = "; ".join(f"{f} on {b}" for f, b in recorded.items() if b is not None)
         raise ValueError(f"the adapters were trained on different base models ({detail}); mixing needs one base")
-    infos = [_run_info(f, model) for f in folders]
+    infos = [_base_info(f, model) for f in folders]
     paths = {os.path.realpath(i["model"]) for i in infos}
     if len(paths) > 1:
         raise ValueError(f"the adapters belong to different base models ({sorted(paths)}); mixing needs one base")
