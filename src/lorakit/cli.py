@@ -287,6 +287,43 @@ def mix(
     typer.echo(f"mixed adapter written to {out}")
 
 
+@app.command("mix-compare")
+def mix_compare_cmd(
+    tasks: str = typer.Option("movies,amazon,tweets,nyt", help="comma-separated: movies, amazon, tweets, nyt "
+                                                                "(VADER sentiment domains), topics (chatterbot)"),
+    steps: int = typer.Option(None, help="optimiser steps per task adapter (default: 40)"),
+    eval_size: int = typer.Option(None, help="held-out rows per task (default: 200)"),
+    densities: str = typer.Option("0.2,0.5", help="densities tried for ties, dare_* and magnitude_prune"),
+    tradeoff: Optional[str] = typer.Option(None, help="two tasks whose weights move (default: the first two)"),
+    model: str = typer.Option("minilm", help="a local transformers folder, or 'minilm' (embedded default)"),
+    out: Path = typer.Option(Path("mix_report"), help="report folder"),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="torch threads (0 = every core)"),
+) -> None:
+    """Train one LoRA per task, mix them with every rule, and report what each mix keeps of each task.
+
+    Examples:
+
+      lorakit mix-compare
+
+      lorakit mix-compare --tasks movies,tweets,topics --steps 60 --out mix-topics
+    """
+    from .mix_compare import MixCompareConfig, mix_compare
+
+    def floats(text: str, what: str) -> list[float]:
+        try:
+            return [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--{what} {text!r} is invalid; give comma-separated numbers (e.g. 0.2,0.5)") from None
+
+    kwargs = {k: v for k, v in dict(steps=steps, eval_size=eval_size).items() if v is not None}
+    cfg = MixCompareConfig(model=model, tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+                           densities=floats(densities, "densities"), out=str(out), seed=seed, threads=threads,
+                           tradeoff=[t.strip() for t in tradeoff.split(",")] if tradeoff else None, **kwargs)
+    mix_compare(cfg, log=lambda s: typer.echo(s, err=True))
+    typer.echo((out / "report.md").read_text())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input (exit code 2), as opposed to a bug (exit code 1)."""

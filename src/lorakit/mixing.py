@@ -143,13 +143,20 @@ def magnitude_trim(tensor: torch.Tensor, density: float) -> torch.Tensor:
         tensor([[ 0., -3.],
                 [ 0.,  2.]])
     """
-    k = int(round(density * tensor.numel()))
-    if k >= tensor.numel():
+    n = tensor.numel()
+    k = int(round(density * n))
+    if k >= n:
         return tensor.clone()
     flat = tensor.reshape(-1)
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        keep[torch.topk(flat.abs(), k, largest=True).indices] = True
+    if k == 0:
+        return torch.zeros_like(tensor)
+    size = flat.abs()
+    # the k-th largest |value| by selection (linear time; topk with k ~ n/2 sorts), then exactly k entries: all
+    # above it and, among those equal to it, the first by position
+    threshold = torch.kthvalue(size.cpu(), n - k + 1).values.to(size.device)
+    keep = size > threshold
+    ties = (size == threshold).nonzero().squeeze(1)
+    keep[ties[:k - int(keep.sum())]] = True
     return torch.where(keep, flat, torch.zeros_like(flat)).reshape(tensor.shape)
 
 
