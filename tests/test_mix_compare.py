@@ -39,7 +39,7 @@ def _check_files(out):
 def test_default_tasks_tiny_run_writes_a_consistent_report(tmp_path, capsys):
     out = tmp_path / "mix"
     code, stdout, err = run(["mix-compare", "--tasks", "movies,tweets,nyt", "--steps", "2", "--eval-size", "20",
-                             "--densities", "0.5", "--out", str(out)], capsys)
+                             "--densities", "0.5", "--threads", "1", "--out", str(out)], capsys)
     assert code == 0, err
     results = _check_files(out)
     _check_consistent(results, ["movies", "tweets", "nyt"], 20)
@@ -51,7 +51,7 @@ def test_default_tasks_tiny_run_writes_a_consistent_report(tmp_path, capsys):
 def test_tasks_with_their_own_label_sets_keep_their_own_heads(tmp_path, capsys):
     out = tmp_path / "mix"
     code, _, err = run(["mix-compare", "--tasks", "movies,topics", "--steps", "2", "--eval-size", "20",
-                        "--densities", "0.5", "--out", str(out)], capsys)
+                        "--densities", "0.5", "--threads", "1", "--out", str(out)], capsys)
     assert code == 0, err
     results = _check_files(out)
     _check_consistent(results, ["movies", "topics"], 20)
