@@ -71,11 +71,11 @@ class MixCompareConfig:
 
     model: str = "minilm"
     tasks: list[str] = field(default_factory=lambda: ["movies", "amazon", "tweets", "nyt"])
-    steps: int = 40  # optimiser steps per task adapter
+    steps: int = 30  # optimiser steps per task adapter
     all_steps: int | None = None  # the all-tasks reference (default: 2 × steps, on every task's rows)
     batch_size: int = 32
     max_length: int = 40
-    eval_size: int = 200  # held-out rows per task
+    eval_size: int = 120  # held-out rows per task
     lr: float = 2e-3
     r: int = 8
     alpha: float = 16.0
