@@ -405,8 +405,8 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
 def _intro(results: dict[str, Any]) -> str:
     cfg, env = results["config"], results["environment"]
     return (f"Model `{cfg['model']}`; tasks {', '.join(results['tasks'])} ({cfg['eval_size']} held-out rows each); "
-            f"one LoRA (r={cfg['r']}, alpha={cfg['alpha']:g}, on {'/'.join(cfg['targets'])}) per task, {cfg['steps']} steps of batch "
-            f"{cfg['batch_size']} at lr {cfg['lr']:g}, each with its own classifier head"
+            f"one LoRA (r={cfg['r']}, alpha={cfg['alpha']:g}, on {'/'.join(cfg['targets'])}) per task, "
+            f"{cfg['steps']} steps of batch {cfg['batch_size']} at lr {cfg['lr']:g}, each with its own classifier head"
             + (f"; the all-tasks reference: {cfg['all_steps']} steps on every task's rows" if results["reference"]
                else "; no all-tasks reference (the tasks have different label sets)")
             + f". Mixes are exact (the mixed change at its numerical rank) and scored on each task with that task's "

@@ -4,7 +4,8 @@ The task vector of adapter ``t`` on a layer is its exact dense change to the *or
 ``ΔWₜ = delta_weight(layer) + base_shift()`` (the shift is PiSSA's residual or Delta-LoRA's moved base; None for the
 others). Every family member provides both, so the rules below are right for all of them: DoRA's magnitudes, rsLoRA,
 per-layer rank/alpha, VeRA, AdaLoRA's pruned ranks, LoRA-drop's shared pairs, and adapters of different ranks and
-methods mixed together. Weights come first, ``τₜ = wₜ·ΔWₜ`` (a negative weight subtracts a task), then per layer:
+methods mixed together. Weights come first, ``τₜ = wₜ·ΔWₜ`` (a negative weight subtracts a task), then per
+layer:
 
 * ``task_arithmetic``: ``Σ τₜ``.
 * ``magnitude_prune``: keep the ``density`` fraction of entries of each ``τₜ`` with the largest ``|value|`` (per
