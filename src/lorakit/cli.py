@@ -291,7 +291,7 @@ def mix(
 def mix_compare_cmd(
     tasks: str = typer.Option("movies,amazon,tweets,nyt", help="comma-separated: movies, amazon, tweets, nyt "
                                                                 "(VADER sentiment domains), topics (chatterbot)"),
-    steps: int = typer.Option(None, help="optimiser steps per task adapter (default: 30)"),
+    steps: int = typer.Option(None, help="optimiser steps per task adapter (default: 40)"),
     eval_size: int = typer.Option(None, help="held-out rows per task (default: 120)"),
     densities: str = typer.Option("0.2,0.5", help="densities tried for ties, dare_* and magnitude_prune"),
     tradeoff: Optional[str] = typer.Option(None, help="two tasks whose weights move (default: the first two)"),

@@ -71,7 +71,7 @@ class MixCompareConfig:
 
     model: str = "minilm"
     tasks: list[str] = field(default_factory=lambda: ["movies", "amazon", "tweets", "nyt"])
-    steps: int = 30  # optimiser steps per task adapter
+    steps: int = 40  # optimiser steps per task adapter
     all_steps: int | None = None  # the all-tasks reference (default: 2 × steps, on every task's rows)
     batch_size: int = 32
     max_length: int = 40
