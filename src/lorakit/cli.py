@@ -276,6 +276,83 @@ def inspect(adapter: Path = typer.Argument(..., help="adapter folder (lorakit or
     typer.echo(describe_adapter(adapter))
 
 
+@app.command()
+def mix(
+    adapters: List[Path] = typer.Argument(..., help="two or more adapter folders (lorakit or PEFT) on one base"),
+    out: Path = typer.Option(..., "--out", help="folder for the mixed adapter"),
+    weights: Optional[str] = typer.Option(None, help="comma-separated, one per adapter (default: 1 each)"),
+    how: str = typer.Option("task_arithmetic", help="task_arithmetic, ties, dare_linear, dare_ties, "
+                                                    "magnitude_prune, cat, linear or svd"),
+    density: Optional[float] = typer.Option(None, help="fraction of each task vector kept (ties, dare_*, "
+                                                       "magnitude_prune), 0 < density <= 1"),
+    majority_sign: str = typer.Option("total", help="TIES sign election: total or frequency"),
+    seed: Optional[int] = typer.Option(None, help="DARE's random drop (required for dare_*)"),
+    rank: Optional[int] = typer.Option(None, help="rank of the result (default: the mix exactly)"),
+    energy: Optional[float] = typer.Option(None, help="smallest rank keeping this fraction of the energy"),
+    model: Optional[str] = typer.Option(None, help="base model (default: the one the adapters were trained on)"),
+) -> None:
+    """Mix saved adapters into one plain-LoRA adapter (TIES, DARE, magnitude prune, task arithmetic, ...).
+
+    Examples:
+
+      lorakit mix runs/movies/adapter runs/tweets/adapter --weights 0.7,0.3 --how ties --density 0.5 --out mixed/
+
+      lorakit mix a/ b/ --how dare_linear --density 0.3 --seed 1 --rank 16 --out mixed/
+    """
+    from .train.mix import mix_folders, parse_weights
+
+    _reading(*adapters, model)
+    options = {k: v for k, v in dict(density=density, seed=seed, rank=rank, energy=energy).items() if v is not None}
+    if majority_sign != "total":
+        options["majority_sign"] = majority_sign
+    report = mix_folders(adapters, out, how=how, weights=parse_weights(weights, len(adapters)), model=model,
+                         **options)
+    layers = report.get("layers") or {}
+    if layers:
+        ranks = [v["rank"] for v in layers.values()]
+        fit = "exact" if report["exact"] else f"approximate, max relative error {report['max_rel_error']:.3g}"
+        typer.echo(f"{how} mix of {len(adapters)} adapters: {len(layers)} layers, rank {min(ranks)}..{max(ranks)}, "
+                   f"{fit}")
+    typer.echo(f"mixed adapter written to {out}")
+
+
+@app.command("mix-compare")
+def mix_compare_cmd(
+    tasks: str = typer.Option("movies,amazon,tweets,nyt", help="comma-separated: movies, amazon, tweets, nyt "
+                                                                "(VADER sentiment domains), topics (chatterbot)"),
+    steps: int = typer.Option(None, help="optimiser steps per task adapter (default: 40)"),
+    eval_size: int = typer.Option(None, help="held-out rows per task (default: 120)"),
+    densities: str = typer.Option("0.2,0.5", help="densities tried for ties, dare_* and magnitude_prune"),
+    tradeoff: Optional[str] = typer.Option(None, help="two tasks whose weights move (default: the first two)"),
+    model: str = typer.Option("minilm", help="a local transformers folder, or 'minilm' (embedded default)"),
+    out: Path = typer.Option(Path("mix_report"), help="report folder"),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="torch threads (0 = every core)"),
+) -> None:
+    """Train one LoRA per task, mix them with every rule, and report what each mix keeps of each task.
+
+    Examples:
+
+      lorakit mix-compare
+
+      lorakit mix-compare --tasks movies,tweets,topics --steps 60 --out mix-topics
+    """
+    from .mix_compare import MixCompareConfig, mix_compare
+
+    def floats(text: str, what: str) -> list[float]:
+        try:
+            return [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--{what} {text!r} is invalid; give comma-separated numbers (e.g. 0.2,0.5)") from None
+
+    kwargs = {k: v for k, v in dict(steps=steps, eval_size=eval_size).items() if v is not None}
+    cfg = MixCompareConfig(model=model, tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+                           densities=floats(densities, "densities"), out=str(out), seed=seed, threads=threads,
+                           tradeoff=[t.strip() for t in tradeoff.split(",")] if tradeoff else None, **kwargs)
+    mix_compare(cfg, log=lambda s: typer.echo(s, err=True))
+    typer.echo((out / "report.md").read_text())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input (exit code 2), as opposed to a bug (exit code 1)."""

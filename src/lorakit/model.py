@@ -21,6 +21,7 @@ from .config import AdapterConfig, name_matches
 from .layers import AdaptedLayer, ModuleCopies, RouteState, UnsupportedLayer, is_adaptable, ops_for
 from .methods import combine_adapters, get_method
 from .methods.base import Adapter, layer_generator
+from .mixing import TASK_VECTOR_RULES, MixReport, check_mix_options, mix_layer, record_report
 
 from .registry import (  # re-exported: the bookkeeping lives below the methods, users read it from here too
     REGISTRY_ATTR,
@@ -746,11 +747,12 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
 # ---------------------------------------------------------------------------------------------------------------
 # combine
 # ---------------------------------------------------------------------------------------------------------------
-COMBINE_HOW = ("cat", "linear", "svd")
+COMBINE_HOW = ("cat", "linear", "svd") + TASK_VECTOR_RULES
 
 
 def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", how: str = "cat",
-            rank: int | None = None) -> nn.Module:
+            rank: int | None = None, *, density: float | None = None, majority_sign: str = "total",
+            seed: int | None = None, energy: float | None = None) -> nn.Module:
     """Add adapter ``name`` mixing existing adapters with ``weights``.
 
     * ``cat``: exactly ``Σ w_i ΔW_i`` (rank = sum of ranks).
@@ -762,6 +764,15 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", how:
 
     Methods with a non-linear layer function (DoRA) provide their own rule (see their docs).
 
+    Task-vector rules (:mod:`lorakit.mixing`), on each adapter's exact change to the original base weight, for every
+    family member: ``task_arithmetic`` (``Σ w_i ΔW_i``), ``magnitude_prune`` / ``ties`` (need ``density``, the
+    fraction kept, 0 < density ≤ 1; TIES elects signs by ``majority_sign="total" | "frequency"``) and
+    ``dare_linear`` / ``dare_ties`` (``density``; ``seed``: the same seed gives the same mix, None draws one from
+    torch's RNG and records it). The result is a plain LoRA: exact by default (the mix's numerical rank per layer), or
+    the best approximation of ``rank`` or ``energy`` (a UserWarning gives the worst error);
+    :func:`lorakit.mix_report` lists each layer's rank and relative error. These rules need the adapters on the same
+    layers and not merged.
+
     Example:
         >>> import torch, lorakit
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
@@ -770,6 +781,11 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", how:
     """
     if how not in COMBINE_HOW:
         raise ValueError(f"combine(how={how!r}) is invalid; allowed: {', '.join(COMBINE_HOW)}")
+    if how in TASK_VECTOR_RULES:
+        return _combine_task_vectors(model, weights, name, how, rank, density, majority_sign, seed, energy)
+    if density is not None or seed is not None or energy is not None or majority_sign != "total":
+        raise ValueError(f"combine(how={how!r}) takes no density/seed/energy/majority_sign; they belong to how in "
+                         f"{TASK_VECTOR_RULES}")
     if rank is not None:
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
             raise ValueError(f"combine(rank={rank!r}) is invalid; allowed: None (the largest source rank) or an "
@@ -778,20 +794,7 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", how:
             raise ValueError(f"combine(rank={rank!r}) only applies to how='svd'; how={how!r} keeps the source "
                              "ranks (drop rank, or use how='svd')")
         rank = int(rank)
-    if not weights:
-        raise ValueError("combine() needs at least one adapter in weights")
-    reg = _check_known(model, list(weights))
-    check_adapter_name(name)
-    if name in reg.configs:
-        raise ValueError(f"adapter name {name!r} is taken on this model; pick another name")
-    heads = {n: reg.modules_to_save[n] for n in weights if reg.modules_to_save.get(n)}
-    if heads:
-        raise ValueError(f"combine() cannot mix adapters that train whole modules (modules_to_save: {heads}): "
-                         "there is no meaningful mix of their copies, and the mix would silently run the original "
-                         "modules; combine adapters without modules_to_save")
-    for k, w in weights.items():
-        if not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise ValueError(f"combine weight for {k!r} must be a finite number, got {w!r}")
+    reg = _check_mix_sources(model, weights, name)
     methods = {reg.configs[n].method for n in weights}
     plan_layers = []
     for path, layer in adapted_layers(model):
@@ -807,6 +810,75 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", how:
     new_adapters = {}
     for path, layer, sources in plan_layers:
         new_adapters[path] = combine_adapters(methods, layer, sources, how, rank)
+    _commit_mix(model, reg, weights, name, plan_layers, new_adapters)
+    return model
+
+
+def _check_mix_sources(model: nn.Module, weights: dict[str, float], name: str) -> AdapterRegistry:
+    """The checks every combine makes on its inputs (names, weights, heads), before anything is built."""
+    if not weights:
+        raise ValueError("combine() needs at least one adapter in weights")
+    reg = _check_known(model, list(weights))
+    check_adapter_name(name)
+    if name in reg.configs:
+        raise ValueError(f"adapter name {name!r} is taken on this model; pick another name")
+    heads = {n: reg.modules_to_save[n] for n in weights if reg.modules_to_save.get(n)}
+    if heads:
+        raise ValueError(f"combine() cannot mix adapters that train whole modules (modules_to_save: {heads}): "
+                         "there is no meaningful mix of their copies, and the mix would silently run the original "
+                         "modules; combine adapters without modules_to_save")
+    for k, w in weights.items():
+        if not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"combine weight for {k!r} must be a finite number, got {w!r}")
+    return reg
+
+
+def _combine_task_vectors(model: nn.Module, weights: dict[str, float], name: str, how: str, rank: int | None,
+                          density: float | None, majority_sign: str, seed: int | None,
+                          energy: float | None) -> nn.Module:
+    """:func:`combine` with a rule of :mod:`lorakit.mixing`: checks, every layer's mix built on the side, commit."""
+    check_mix_options(how, density, majority_sign, seed, rank, energy)
+    reg = _check_mix_sources(model, weights, name)
+    names = list(weights)
+    covered = {n: set(reg.layers.get(n, [])) for n in names}
+    union = set().union(*covered.values())
+    lacking = {n: sorted(union - paths) for n, paths in covered.items() if union - paths}
+    if lacking:
+        detail = "; ".join(f"{n!r} does not adapt {_short_list(p, 5)}" for n, p in lacking.items())
+        raise ValueError(f"combine(how={how!r}) mixes layer by layer and needs the adapters on the same layers: "
+                         f"{detail}. Attach them with the same targets, or use how='cat' (an absent adapter adds 0)")
+    plan_layers = []
+    for path, layer in adapted_layers(model):
+        merged = [n for n in names if n in layer.merged]
+        if merged:
+            raise ValueError(f"combine(how={how!r}): adapter(s) {merged} are merged into {path!r}, so their change "
+                             "is part of the base weight; call lorakit.unmerge(model) first")
+        if any(n in layer.adapters for n in names):
+            plan_layers.append((path, layer, [(n, layer.adapters[n], float(weights[n])) for n in names]))
+    if how in ("dare_linear", "dare_ties") and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # recorded in the report: any mix can be redone
+    report = MixReport(name=name, how=how, weights={n: float(w) for n, w in weights.items()},
+                       density=None if density is None else float(density),
+                       majority_sign=majority_sign if how in ("ties", "dare_ties") else None, seed=seed,
+                       rank=None if rank is None else int(rank), energy=None if energy is None else float(energy))
+    new_adapters = {}
+    with torch.no_grad():
+        for path, layer, sources in plan_layers:
+            new_adapters[path], report.layers[path] = mix_layer(layer, path, sources, how, density, majority_sign,
+                                                                seed, rank, energy)
+    _commit_mix(model, reg, weights, name, [(p, layer, s) for p, layer, s in plan_layers], new_adapters)
+    record_report(model, report, list(new_adapters.values()))
+    if not report.exact:
+        worst = max(report.layers, key=lambda p: report.layers[p].rel_error)
+        warnings.warn(f"combine(how={how!r}, rank={rank}, energy={energy}): adapter {name!r} approximates the mix "
+                      f"(worst relative error {report.layers[worst].rel_error:.3g} at {worst!r}); "
+                      f"lorakit.mix_report(model, {name!r}) lists every layer", UserWarning, stacklevel=3)
+    return model
+
+
+def _commit_mix(model: nn.Module, reg: AdapterRegistry, weights: dict[str, float], name: str, plan_layers: list,
+                new_adapters: dict[str, Adapter]) -> None:
+    """Add the built adapters as ``name`` (frozen, a plain config with one rank per layer and scaling 1)."""
     first = next(iter(new_adapters.values()))
     ranks = {path: a.r for path, a in new_adapters.items()}
     config = reg.configs[next(iter(weights))].replace(
@@ -822,7 +894,6 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", how:
     reg.modules_to_save[name] = []
     for p in (p for a in new_adapters.values() for p in a.parameters()):
         p.requires_grad_(False)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------
