@@ -39,6 +39,9 @@ _LAZY = {
     "make_optimizer": "lorakit.optim",
     "loraplus_param_groups": "lorakit.optim",
     "run_lora_drop": "lorakit.train.recipes.lora_drop",
+    "to_lora": "lorakit.convert",
+    "export": "lorakit.io.targets",
+    "check_export": "lorakit.io.targets",
 }
 
 
@@ -76,4 +79,7 @@ __all__ = [
     "trainable_parameters",
     "unload",
     "unmerge",
+    "to_lora",
+    "export",
+    "check_export",
 ]
