@@ -250,8 +250,8 @@ def to_lora(model: nn.Module, name: str = "default", new_name: str | None = None
     return report
 
 
-def uniform_lora_factors(model: nn.Module, name: str = "default", rank: int | None = None,
-                         energy: float | None = None) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, int]:
+def uniform_lora_factors(model: nn.Module, name: str = "default", rank: int | None = None, energy: float | None = None
+                         ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, int]:
     """Adapter ``name`` as one-rank LoRA factors, the layout llama.cpp's GGUF adapters (and vLLM, SGLang) read:
     ``({layer path: (A [r, in], B [out, r])}, alpha, r)`` with the scale folded into ``B`` and ``alpha = r`` (so a
     reader's ``alpha / r`` is 1), every layer zero-padded to the largest rank. ``B @ A`` is the member's change
@@ -262,6 +262,8 @@ def uniform_lora_factors(model: nn.Module, name: str = "default", rank: int | No
         >>> import torch, lorakit
         >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
         >>> _ = lorakit.attach(net, lorakit.AdapterConfig(r=2, rank_pattern={"1": 3}))
+        >>> for layer in net:
+        ...     _ = layer.adapters["default"].B.data.normal_()  # as if trained
         >>> factors, alpha, r = uniform_lora_factors(net)
         >>> r, alpha, tuple(factors["0"][0].shape)
         (3, 3.0, (3, 8))

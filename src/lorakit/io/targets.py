@@ -62,7 +62,9 @@ TARGETS = {
 VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 #: PEFT init_lora_weights values whose adapter needs the base its init modified
 BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga", "eva")
-_SERVERS = ("vllm", "sglang", "llama.cpp")
+#: (general.type, adapter.type) of a llama.cpp GGUF LoRA adapter (llama.cpp's own adapter layout; a GGUF key's value,
+#: not a lorakit method name)
+GGUF_LORA_ADAPTER = ("adapter", "lora")
 
 
 @dataclass
@@ -140,7 +142,8 @@ def check_export(folder: str | os.PathLike, target: str) -> list[str]:
         problems.append(f"bias={cfg.get('bias')!r}/lora_bias: {server} serves LoRA without trained biases "
                         f"(vLLM only behind --enable-lora-bias in old versions)")
     init = cfg.get("init_lora_weights")
-    if isinstance(init, str) and any(init.lower().startswith(m) for m in BASE_CHANGING_INITS) or cfg.get("loftq_config"):
+    base_init = isinstance(init, str) and any(init.lower().startswith(m) for m in BASE_CHANGING_INITS)
+    if base_init or cfg.get("loftq_config"):
         problems.append(f"init_lora_weights={init!r}{' / loftq_config' if cfg.get('loftq_config') else ''}: the "
                         f"adapter belongs to a base its init modified, but {server} loads the original base; export "
                         f"with lorakit (PiSSA becomes a plain LoRA for the original weights)")
@@ -156,8 +159,9 @@ def check_export(folder: str | os.PathLike, target: str) -> list[str]:
     if target == "llama.cpp":
         other = [k for k in other if not ("_layernorm" in k or ".norm" in k)]
     if other:
-        problems.append(f"tensors that are not LoRA A/B pairs ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}"
-                        f"): {server} refuses them (DoRA magnitudes, saved heads)")
+        shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+        problems.append(f"tensors that are not LoRA A/B pairs ({shown}): {server} refuses them (DoRA magnitudes, "
+                        f"saved heads)")
     r = cfg.get("r")
     if target == "vllm" and isinstance(r, int) and r > max(VLLM_MAX_RANKS):
         problems.append(f"r={r}: vLLM's largest --max-lora-rank is {max(VLLM_MAX_RANKS)}; export with rank <= "
@@ -204,7 +208,7 @@ def _check_gguf_folder(folder: Path) -> list[str]:
             fld = fields.get(key)
             return None if fld is None else bytes(fld.parts[fld.data[0]]).decode("utf-8", "replace")
 
-        if text("general.type") != "adapter" or text("adapter.type") != "lora":
+        if (text("general.type"), text("adapter.type")) != GGUF_LORA_ADAPTER:
             problems.append(f"{path.name}: not a GGUF LoRA adapter (general.type={text('general.type')!r}, "
                             f"adapter.type={text('adapter.type')!r})")
         if "adapter.lora.alpha" not in fields:
