@@ -209,3 +209,40 @@ def test_cli_convert_and_export_for_vllm(tmp_path, tiny_chat_folder, capsys):
     assert code == 2 and err.startswith("error: ") and "not an export target" in err
     code, _, err = run(["convert", str(folder), "--to", "lora", "--rank", "0", "--out", str(tmp_path / "y")], capsys)
     assert code == 2 and "rank=0 is invalid" in err and not (tmp_path / "y").exists()
+
+
+def test_merged_target_writes_a_transformers_folder_with_the_adapters_outputs(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model, _ = adapted(method="dora", r=4)
+    want = logits(model)
+    report = lorakit.export(model, tmp_path / "merged", target="merged")
+    assert lorakit.check_export(tmp_path / "merged", "merged") == []
+    assert lorakit.adapter_names(model) == ["default"] and report.max_logit_diff < 1e-4
+    plain = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (logits(plain) - want).abs().max() <= report.max_logit_diff + 1e-5
+
+
+def test_check_export_reads_a_gguf_adapter(tmp_path):
+    import gguf
+    import numpy as np
+
+    def write(folder, adapter_type, extra_tensor=False):
+        folder.mkdir()
+        writer = gguf.GGUFWriter(str(folder / "adapter.gguf"), "llama")
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, adapter_type)
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 4.0)
+        writer.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((4, 8), dtype=np.float32))
+        writer.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((8, 4), dtype=np.float32))
+        if extra_tensor:
+            writer.add_tensor("blk.0.attn_q.magnitude", np.zeros(8, dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return folder
+
+    assert lorakit.check_export(write(tmp_path / "good", "lora"), "llama.cpp") == []
+    bad = lorakit.check_export(write(tmp_path / "bad", "control_vector", extra_tensor=True), "llama.cpp")
+    assert any("not a GGUF LoRA adapter" in p for p in bad) and any("magnitude" in p for p in bad)

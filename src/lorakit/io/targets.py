@@ -397,19 +397,22 @@ def _free_name(model, base: str) -> str:
 
 
 def _export_gguf_adapter(model, folder, name, rank, energy, probe, report) -> None:
-    # the error the GGUF's one-rank factors carry, measured on the model before anything is written
+    # the one-rank plain LoRA the GGUF holds, built on the side: its error against the member is measured on the
+    # model, then the GGUF writer writes exactly it (with rank/energy, the bounded conversion, not the exact one)
     tmp = _free_name(model, f"{name}__export")
     try:
         report.conversion = to_lora(model, name, new_name=tmp, rank=rank, energy=energy, uniform=True)
         report.changes.append(describe_conversion(report.conversion))
         report.changes.append(f"one rank and alpha for the adapter (adapter.lora.alpha = r = "
                               f"{report.conversion.uniform_rank}, scale folded into B, zero padding)")
+        if "ORIGINAL" in report.conversion.base:
+            report.changes.append("the member moved the base weights: the LoRA written is for the ORIGINAL base")
         p = _probe(model, probe)
         report.max_logit_diff = _diff(model, p, name, tmp) if p is not None else None
+        report.details = dict(write_lora_adapter(model, tmp, folder) or {})
     finally:
         if tmp in registry(model).configs:
             delete(model, tmp)
-    report.details = dict(write_lora_adapter(model, name, folder) or {})
 
 
 def _export_merged(model, folder, target, name, probe, dtype, tokenizer, report) -> None:
