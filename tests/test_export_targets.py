@@ -246,3 +246,12 @@ def test_check_export_reads_a_gguf_adapter(tmp_path):
     assert lorakit.check_export(write(tmp_path / "good", "lora"), "llama.cpp") == []
     bad = lorakit.check_export(write(tmp_path / "bad", "control_vector", extra_tensor=True), "llama.cpp")
     assert any("not a GGUF LoRA adapter" in p for p in bad) and any("magnitude" in p for p in bad)
+
+
+def test_rank_with_a_merging_target_is_refused(tmp_path):
+    model, _ = adapted(method="lora", r=4)
+    with pytest.raises(ValueError, match="merges the adapter exactly"):
+        lorakit.export(model, tmp_path / "m", target="merged", rank=2)
+    with pytest.raises(ValueError, match="rank=0 is invalid"):
+        lorakit.export(model, tmp_path / "m", target="vllm", rank=0)
+    assert not (tmp_path / "m").exists()

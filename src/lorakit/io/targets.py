@@ -39,6 +39,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..convert import ToLoraReport, describe_conversion, to_lora
+from ..lowrank import check_rank_energy
 from ..methods import get_method
 from ..model import active_adapters, adapted_layers, delete, registry, set_active, unload
 from .api import load
@@ -269,6 +270,10 @@ def export(model: nn.Module, folder: str | os.PathLike, target: str = "peft", na
     reg = registry(model)
     if name not in reg.configs:
         raise ValueError(f"export: unknown adapter {name!r}; this model has {list(reg.configs)}")
+    check_rank_energy(rank, energy, "export")
+    if (rank is not None or energy is not None) and target in ("merged", "ollama"):
+        raise ValueError(f"export: rank/energy bound a conversion to plain LoRA; target {target!r} merges the adapter "
+                         f"exactly, so drop them (or export --for peft/vllm/sglang/llama.cpp)")
     if dtype not in ("f32", "f16", "q8_0"):
         raise ValueError(f"export: dtype={dtype!r} is invalid; allowed: f32, f16, q8_0")
     folder = Path(folder)
