@@ -1,9 +1,9 @@
 """``lorakit.to_lora`` on a real model: how long it takes, and what a rank budget costs a DoRA adapter.
 
 1. **Time.** SmolLM2-135M-Instruct (lorakit.assets) with an adapter on every linear layer of its 30 decoder blocks
-   (210 layers): ``to_lora`` of a LoRA (r=16; its change is rank 16) and of a DoRA (r=16; its magnitude makes the
-   change full-rank), exact and at rank 16, and ``uniform_lora_factors`` (what the GGUF writer calls). Wall-clock
-   medians of ``--repeats`` runs; each conversion is one SVD per layer.
+   (210 layers): ``to_lora`` of a LoRA (r=16; its change is rank 16: decomposed from its thin factors) and of a DoRA
+   (r=16; its magnitude makes the change full-rank: one dense SVD per layer), exact and at rank 16, and
+   ``uniform_lora_factors`` (what the GGUF writer calls). Wall-clock medians of ``--repeats`` runs after one warm-up.
 2. **DoRA -> LoRA error against rank.** DoRA (r=16, all linear layers) trained ``--steps`` steps on chatterbot
    conversations, then converted at ranks 1 ... 576 (= exact for 576-wide layers): per rank the largest and median
    per-layer relative error ``‖ΔW − BA‖_F / ‖ΔW‖_F`` and the largest ``|Δlogit|`` between the DoRA model and the
@@ -81,6 +81,7 @@ def time_section(model, repeats: int) -> tuple[Table, dict]:
                 warnings.simplefilter("ignore")  # rank 16 of a DoRA change is not exact: measured below
                 seconds = timed(run, repeats)
             table.add(method, label, n_layers, seconds, reports[-1].max_rel_error)
+            print(f"[to_lora] {method} {label}: {seconds:.2f} s", flush=True)
             data[f"{method} {label}"] = seconds
         seconds = timed(lambda: uniform_lora_factors(model, method), repeats)
         table.add(method, "uniform_lora_factors (GGUF)", n_layers, seconds, 0.0)
@@ -149,6 +150,7 @@ def rank_section(model, tok, steps: int, ranks: tuple[int, ...]) -> tuple[Table,
         errors = [layer.rel_error for layer in report.layers]
         exact = sum(layer.exact for layer in report.layers)
         table.add(k, report.max_rel_error, statistics.median(errors), f"{exact}/{len(errors)}", diff)
+        print(f"[to_lora] rank {k}: max rel error {report.max_rel_error:.3g}, max abs dlogit {diff:.3g}", flush=True)
         curve[k] = {"max": report.max_rel_error, "median": statistics.median(errors), "logit": diff}
     table.notes.append(f"training loss {losses[0]:.3f} -> {losses[-1]:.3f}; ranks are capped per layer at the "
                        f"change's numerical rank (exact there)")

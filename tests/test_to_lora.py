@@ -179,3 +179,35 @@ def test_report_table_names_every_layer():
     for path, _ in adapted_layers(model):
         assert path in text
     assert "rel error" in text and "dora" in text
+
+
+def test_the_thin_factor_path_is_the_dense_rule():
+    from lorakit.lowrank import factorize, factorize_product
+
+    gen = torch.Generator().manual_seed(0)
+    b, a = torch.randn(40, 6, generator=gen), torch.randn(6, 30, generator=gen)
+    b[:, 5] = b[:, 4]  # a rank-5 product of rank-6 factors
+    a[5] = a[4]
+    for kwargs in ({}, {"rank": 3}, {"energy": 0.9}, {"rank": 10}):
+        thin, dense = factorize_product(b, a, **kwargs), factorize(b @ a, **kwargs)
+        assert (thin.rank, thin.exact_rank) == (dense.rank, dense.exact_rank), kwargs
+        assert abs(thin.rel_error - dense.rel_error) < 1e-5 and abs(thin.energy - dense.energy) < 1e-5
+        assert torch.allclose(thin.B @ thin.A, dense.B @ dense.A, atol=1e-4), kwargs
+
+
+def test_embedding_and_conv_layers_convert_exactly():
+    from conftest import ConvNet
+
+    for method, targets in (("lora", ["emb", "conv", "fc"]), ("dora", ["conv", "fc"])):  # DoRA refuses embeddings
+        net = ConvNet().eval()
+        lorakit.attach(net, AdapterConfig(method=method, r=2, targets=targets, seed=0))
+        with torch.no_grad():
+            for p in net.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.1)
+        ids, img = torch.randint(0, 20, (3, 4)), torch.randn(3, 3, 5, 5)
+        with torch.no_grad():
+            want = net(img, ids)
+            lorakit.to_lora(net)
+            lorakit.set_active(net, "default_lora")
+            assert torch.allclose(net(img, ids), want, atol=1e-5), method

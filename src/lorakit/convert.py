@@ -35,12 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lowrank import LowRank, check_rank_energy, factorize
+from .lowrank import LowRank, check_rank_energy, factorize, factorize_product
 from .methods import get_method
 from .methods.lora import LoraAdapter
 from .model import adapted_layers, check_adapter_name, registry, saved_copy
 
-__all__ = ["LayerConversion", "ToLoraReport", "describe_conversion", "member_delta", "to_lora", "uniform_lora_factors"]
+__all__ = ["LayerConversion", "ToLoraReport", "describe_conversion", "layer_factorization", "member_delta", "to_lora",
+           "uniform_lora_factors"]
 
 
 @dataclass(frozen=True)
@@ -139,11 +140,28 @@ def _check_source(model: nn.Module, name: str, what: str) -> list[tuple[str, Any
     return entries
 
 
+def layer_factorization(layer: Any, adapter: Any, rank: int | None = None, energy: float | None = None) -> LowRank:
+    """:func:`member_delta` of one layer as LoRA factors by the one truncated-SVD rule. A member with an exact
+    low-rank form (``as_lora_factors``: LoRA and its inits, VeRA, AdaLoRA, SoRA, LoRA-drop, LoRA-FA) is decomposed
+    from its thin factors (:func:`~lorakit.lowrank.factorize_product`, no dense SVD); DoRA and Delta-LoRA, whose
+    change is full-rank, from the dense change (:func:`~lorakit.lowrank.factorize`).
+
+    Example:
+        >>> import torch, lorakit
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> _ = lorakit.attach(net, lorakit.AdapterConfig(method="dora", r=2))
+        >>> layer_factorization(net[0], net[0].adapters["default"], rank=1).rank
+        1
+    """
+    try:
+        a, b, s = adapter.as_lora_factors()  # s·B·A is the change on the original base (PiSSA's shift included)
+    except ValueError:  # no exact low-rank form (the strategy says so)
+        return factorize(member_delta(layer, adapter), rank=rank, energy=energy)
+    return factorize_product(b.detach().float() * s, a.detach().float(), rank=rank, energy=energy)
+
+
 def _factorize_layers(entries, rank: int | None, energy: float | None) -> list[tuple[str, Any, LowRank]]:
-    out = []
-    for path, layer, adapter in entries:
-        out.append((path, layer, factorize(member_delta(layer, adapter), rank=rank, energy=energy)))
-    return out
+    return [(path, layer, layer_factorization(layer, adapter, rank, energy)) for path, layer, adapter in entries]
 
 
 def _pad(f: LowRank, r: int) -> tuple[torch.Tensor, torch.Tensor]:
