@@ -2,10 +2,10 @@
 
 Each benchmark runs in its own fresh interpreter so one cannot warm up (or fragment memory for) the next. Options
 are passed through: ``--quick`` (tiny sizes, 2 rounds: a smoke run in well under a minute), ``--rounds N``,
-``--threads N``, ``--no-peak``, ``--out DIR``; ``--only lora`` / ``--only methods`` runs one file, and
-``--sections dora vera`` restricts the family benchmark.
+``--threads N``, ``--no-peak``, ``--out DIR``; ``--only lora`` / ``--only methods`` / ``--only to_lora`` runs
+one file, and ``--sections dora vera`` restricts the family benchmark.
 
-Results: ``benchmarks/results/{lora,methods}.md`` and ``.json`` (``*_quick`` for smoke runs), and a combined
+Results: ``benchmarks/results/{lora,methods,to_lora}.md`` and ``.json`` (``*_quick`` for smoke runs), and a combined
 ``benchmarks/results/summary.md``.
 
 Example:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--no-peak", action="store_true")
     p.add_argument("--out", type=Path)
-    p.add_argument("--only", choices=["lora", "methods"], nargs="+", default=["lora", "methods"])
+    p.add_argument("--only", choices=["lora", "methods", "to_lora"], nargs="+", default=["lora", "methods", "to_lora"])
     p.add_argument("--sections", nargs="+", help="family sections to run (see bench_methods.py --help)")
     args = p.parse_args(argv)
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[run_all] {name}: exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
         if rc != 0:
             failures.append(name)
-    for name in ("lora", "methods"):  # the latest result of each benchmark, including ones not rerun now
+    for name in ("lora", "methods", "to_lora"):  # the latest result of each benchmark, including ones not rerun now
         md = Path(out_dir) / f"{name}{suffix}.md"
         if md.exists():
             parts.append(md.read_text())

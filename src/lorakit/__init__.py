@@ -41,6 +41,9 @@ _LAZY = {
     "make_optimizer": "lorakit.optim",
     "loraplus_param_groups": "lorakit.optim",
     "run_lora_drop": "lorakit.train.recipes.lora_drop",
+    "to_lora": "lorakit.convert",
+    "export": "lorakit.io.targets",
+    "check_export": "lorakit.io.targets",
 }
 
 
@@ -82,4 +85,7 @@ __all__ = [
     "unmerge",
     "MixReport",
     "mix_report",
+    "to_lora",
+    "export",
+    "check_export",
 ]

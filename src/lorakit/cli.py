@@ -171,23 +171,101 @@ def train(
 @app.command()
 def export(
     adapter: Path = typer.Argument(..., help="adapter folder (lorakit or PEFT format)"),
-    out: Path = typer.Option(..., "--out", help="folder for the merged model"),
+    out: Path = typer.Option(..., "--out", help="folder to write"),
     model: Optional[str] = typer.Option(None, help="base model (default: the one the adapter was trained on)"),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    dtype: str = typer.Option("float32", help="merged: float32, bfloat16 or float16"),
+    target: str = typer.Option("merged", "--for", help="merged (default), peft, vllm, sglang, llama.cpp, ollama"),
+    rank: Optional[int] = typer.Option(None, help="largest rank when converting to plain LoRA (default: exact)"),
+    energy: Optional[float] = typer.Option(None, help="keep this fraction of the squared singular values instead"),
+    name: Optional[str] = typer.Option(None, help="which adapter of a folder holding several"),
+    gguf_type: str = typer.Option("f16", "--gguf-type", help="ollama: f32, f16 or q8_0"),
 ) -> None:
-    """Merge an adapter into its base model and save a plain transformers folder (no lorakit needed to load it).
+    """Write an adapter for where it is served: a merged transformers model (default), or --for peft, vllm, sglang,
+    llama.cpp (GGUF adapter) or ollama (merged GGUF + Modelfile). Prints what was changed and the largest output
+    difference it causes.
 
     Examples:
 
       lorakit export runs/train/adapter --out merged/
 
-      python -c "from transformers import AutoModel; AutoModel.from_pretrained('merged')"
-    """
-    from .train.job import export_merged
+      lorakit export runs/train/adapter --for vllm --out served/
 
+      lorakit export runs/train/adapter --for llama.cpp --out gguf/
+    """
     _reading(adapter, model)
-    folder = export_merged(adapter, out, model=model, dtype=dtype)
-    typer.echo(f"merged model written to {folder}")
+    if target == "merged":
+        from .train.job import export_merged
+
+        folder = export_merged(adapter, out, model=model, dtype=dtype)
+        typer.echo(f"merged model written to {folder}")
+        return
+    from .io.targets import TARGETS
+    from .io.targets import export as export_for
+
+    if target not in TARGETS:
+        raise ValueError(f"--for {target!r} is not an export target; choose one of {', '.join(TARGETS)}")
+    loaded, chosen = _load_for_conversion(adapter, model, name)
+    report = export_for(loaded, out, target=target, name=chosen, rank=rank, energy=energy, dtype=gguf_type)
+    typer.echo(str(report))
+
+
+def _load_for_conversion(adapter: Path, model: Optional[str], name: Optional[str]):
+    """(base model with the folder's adapters loaded, the adapter to use)."""
+    from .model import adapter_names
+    from .train.job import load_adapted
+
+    loaded, _, _ = load_adapted(adapter, model)
+    names = adapter_names(loaded)
+    if name is None and len(names) > 1:
+        raise ValueError(f"{adapter} holds adapters {names}; choose one with --name")
+    chosen = name if name is not None else names[0]
+    if chosen not in names:
+        raise ValueError(f"{adapter} has no adapter {chosen!r}; it holds {names}")
+    return loaded, chosen
+
+
+_CONVERT_TO = ("lora",)  # what `lorakit convert --to` produces
+
+
+@app.command()
+def convert(
+    adapter: Path = typer.Argument(..., help="adapter folder (lorakit or PEFT format)"),
+    out: Path = typer.Option(..., "--out", help="folder for the plain LoRA adapter"),
+    to: str = typer.Option("lora", "--to", help="what to convert to (lora)"),
+    rank: Optional[int] = typer.Option(None, help="largest rank (default: exact)"),
+    energy: Optional[float] = typer.Option(None, help="smallest rank keeping this fraction of the squared singular "
+                                                      "values"),
+    model: Optional[str] = typer.Option(None, help="base model (default: the one the adapter was trained on)"),
+    name: Optional[str] = typer.Option(None, help="which adapter of a folder holding several"),
+) -> None:
+    """Convert any family member (DoRA, VeRA, AdaLoRA, PiSSA, Delta-LoRA, ...) into a plain LoRA adapter whose
+    change is the member's own (exact, or the best rank-K approximation), saved in lorakit's format.
+
+    Examples:
+
+      lorakit convert runs/dora/adapter --to lora --out runs/dora/lora
+
+      lorakit convert runs/dora/adapter --to lora --rank 16 --out runs/dora/lora16
+    """
+    import shutil
+
+    from .convert import to_lora
+    from .io import save
+    from .train.job import RUN_FILE, resolve_model_path
+
+    if to not in _CONVERT_TO:
+        raise ValueError(f"--to {to!r} is not supported; lorakit converts to plain LoRA (--to lora)")
+    _reading(adapter, model)
+    loaded, chosen = _load_for_conversion(adapter, model, name)
+    report = to_lora(loaded, chosen, new_name=f"{chosen}_lora", rank=rank, energy=energy)
+    folder = save(loaded, out, names=[report.new_name])
+    if not (folder / RUN_FILE).exists():  # which base model it belongs to, for predict/chat/export
+        if model is not None:
+            (folder / RUN_FILE).write_text(json.dumps({"model": resolve_model_path(model)}, indent=2))
+        elif (adapter / RUN_FILE).is_file():
+            shutil.copyfile(adapter / RUN_FILE, folder / RUN_FILE)
+    typer.echo(str(report))
+    typer.echo(f"plain LoRA adapter {report.new_name!r} written to {folder}")
 
 
 @app.command("merge")
@@ -203,7 +281,11 @@ def merge_cmd(
 
       lorakit merge runs/train/adapter --out merged/
     """
-    export(adapter, out, model, dtype)
+    from .train.job import export_merged
+
+    _reading(adapter, model)
+    folder = export_merged(adapter, out, model=model, dtype=dtype)
+    typer.echo(f"merged model written to {folder}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
