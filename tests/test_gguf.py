@@ -279,7 +279,7 @@ def smol():
 
     path = assets.smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    questions = list(dict.fromkeys(p["question"] for p in assets.chatterbot_pairs()))[::97][:6]
+    questions = list(dict.fromkeys(p["question"] for p in assets.chatterbot_pairs()))[::97][:5]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                              tokenize=True, return_dict=True)["input_ids"] for q in questions]
     return {"path": path, "tokenizer": tokenizer, "prompts": prompts, "questions": questions,
@@ -299,7 +299,7 @@ def llama(model_path, lora_path=None):
         llama_cpp.llama_model_free(model)
         assert not refused, f"llama.cpp refused the adapter {lora_path} (run with verbose=True to see why)"
     return llama_cpp.Llama(model_path=str(model_path), lora_path=None if lora_path is None else str(lora_path),
-                           logits_all=True, n_ctx=256, seed=0, verbose=False, n_threads=2)
+                           logits_all=True, n_ctx=256, seed=0, verbose=False, n_threads=1)
 
 
 def llama_logits(llm, ids):
