@@ -254,6 +254,9 @@ def test_merged_model_refusals(tmp_path):
     with pytest.raises(ValueError, match="dtype='bf16' is not available for a merged GGUF model; allowed: f32, f16, "
                                          "q8_0"):
         lk_gguf.write_merged_model(model, tmp_path / "m", dtype="bf16", tokenizer_gguf=tmp_path / "t.gguf")
+    model.config.rope_parameters = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}
+    with pytest.raises(ValueError, match="rope_type='llama3' is not supported by lorakit's merged GGUF writer"):
+        lk_gguf.write_merged_model(model, tmp_path / "m", tokenizer_gguf=tmp_path / "t.gguf")
     assert not (tmp_path / "m").exists()
 
 

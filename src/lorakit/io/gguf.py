@@ -395,9 +395,10 @@ def write_merged_model(model: nn.Module, folder: str | os.PathLike, dtype: str =
     config = _model_config(model)
     layout = llama_layout(config)
     _check_dtype(dtype, MERGED_DTYPES, "a merged GGUF model")
-    if layout.rope_type not in ("default", "linear") and layout.rope_type:
-        raise ValueError(f"rope_type={layout.rope_type!r} is not supported by lorakit's GGUF writer (it needs "
-                         f"llama.cpp's rope scaling keys); only default RoPE models are supported")
+    if layout.rope_type != "default":
+        raise ValueError(f"rope_type={layout.rope_type!r} is not supported by lorakit's merged GGUF writer (it "
+                         f"needs llama.cpp's rope scaling keys); only models with default RoPE are; export the "
+                         f"adapter for llama.cpp on the base model's own GGUF instead")
     source = _source_gguf(model, tokenizer_gguf)
     reader = gguf.GGUFReader(str(source))
     tokenizer = _tokenizer_fields(gguf, reader, layout.vocab_size)
