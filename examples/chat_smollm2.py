@@ -15,6 +15,11 @@ What it does, in about five minutes on 2 CPU cores (SmolLM2's 93 MB package is f
 5. Exports a merged model folder (``export_merged``; no adapter left, plain transformers weights), re-loads it with
    plain ``transformers.AutoModelForCausalLM.from_pretrained`` in a separate Python process in which lorakit cannot
    be imported, and checks that its greedy answers are token-for-token those of the adapted model.
+6. Runs the adapter in llama.cpp: exports it as a GGUF LoRA (``lorakit.export(..., target="llama.cpp")``; DoRA and
+   the other members go through ``lorakit.to_lora``), loads SmolLM2's own Q4_1 GGUF plus that adapter with
+   ``llama-cpp-python`` and compares its greedy answers with the adapted model's. Needs ``pip install
+   llama-cpp-python`` (a dev dependency; it builds llama.cpp, about 15 minutes); without it the step prints how to
+   install it and the rest of the example is unchanged.
 
 The same run from the command line (without the before/after print-out and the held-out split):
 
@@ -22,6 +27,7 @@ The same run from the command line (without the before/after print-out and the h
         --set max_length=96 --set val_fraction=0.05 --output-dir runs/chat
     lorakit chat runs/chat/adapter --prompt "Do you ever get lonely?"
     lorakit export runs/chat/adapter --out runs/chat/merged
+    lorakit export runs/chat/adapter --for llama.cpp --out runs/chat/llama.cpp
 
 ``--model`` also takes a local causal-LM folder with a chat template, and ``--data`` a JSONL file of
 ``{"messages": [...]}`` rows (pass ``--question`` for the held-out questions); a summary is written to
@@ -148,6 +154,46 @@ def answers_without_lorakit(folder: str | os.PathLike, questions: Sequence[str],
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def llama_cpp_answers(adapter: str | os.PathLike, base_gguf: str | os.PathLike | None, questions: Sequence[str],
+                      max_new_tokens: int, out: str | os.PathLike, threads: int = 2) -> list[list[int]] | None:
+    """Greedy answers (token ids, as :func:`greedy_answer` gives them) of llama.cpp running the base GGUF plus the
+    adapter exported as a GGUF LoRA into ``out``; None (with a note printed) without llama-cpp-python or a base GGUF.
+    The prompts are the tokenizer's chat template, tokenised once, so both runtimes read the same tokens."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama.cpp: llama-cpp-python is not installed; pip install llama-cpp-python (it builds llama.cpp, "
+              "about 15 minutes) to run the adapter in llama.cpp")
+        return None
+    if base_gguf is None:
+        print("llama.cpp: needs the base model as a GGUF file; pass --base-gguf")
+        return None
+    import numpy as np
+
+    import lorakit
+    from lorakit.io.gguf import ADAPTER_FILE
+
+    model, tokenizer, _ = load_adapted(adapter)
+    lorakit.export(model, out, target="llama.cpp")  # a non-LoRA member is converted with lorakit.to_lora first
+    llm = llama_cpp.Llama(model_path=str(base_gguf), lora_path=str(Path(out) / ADAPTER_FILE), logits_all=True,
+                          n_ctx=512, n_threads=threads, seed=0, verbose=False)
+    answers = []
+    for question in questions:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"]
+        llm.reset()
+        llm.eval(ids)
+        answer: list[int] = []
+        while len(answer) < max_new_tokens:
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            answer.append(token)
+            if token == tokenizer.eos_token_id:  # generate() stops after the end-of-turn token too
+                break
+            llm.eval([token])
+        answers.append(answer)
+    return answers
+
+
 def method_settings(method: str, steps: int) -> tuple[dict[str, Any], dict[str, Any], bool]:
     """(adapter fields, train overrides, quantize) of a contender of ``lorakit compare`` (e.g. its usual lr)."""
     if method not in METHODS:
@@ -177,6 +223,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/chat_smollm2"))
+    parser.add_argument("--base-gguf", default=None, help="the base model as GGUF for the llama.cpp step (default: "
+                                                          "SmolLM2's own file with --model smollm2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     return parser.parse_args(argv)
 
@@ -248,6 +296,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not ok:
             print(f"  differs on {q!r}: {decode(tokenizer, p)}")
 
+    # -- run the adapter in llama.cpp ------------------------------------------------------------------------
+    base_gguf = args.base_gguf
+    if base_gguf is None and args.model == "smollm2":
+        from lorakit.assets import smollm2_gguf_path
+
+        base_gguf = smollm2_gguf_path()
+    llama = llama_cpp_answers(result["adapter"], base_gguf, questions, args.max_new_tokens, args.out / "llama.cpp",
+                              threads=args.threads)
+    if llama is not None:
+        equal = [l == a for l, a in zip(llama, after)]
+        print(f"llama.cpp ({base_gguf} + {args.out / 'llama.cpp'}): greedy answers equal the adapted model's for "
+              f"{sum(equal)}/{len(equal)} questions")
+        for q, ok, ids in zip(questions, equal, llama):
+            if not ok:
+                print(f"  differs on {q!r}: {decode(tokenizer, ids)}")
+
     summary = {
         "model": path, "method": args.method, "adapter_config": adapter_cfg, "steps": args.steps,
         "batch_size": args.batch_size, "train_rows": len(train_rows), "heldout_rows": len(held_rows),
@@ -258,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "lorakit_importable_in_check": plain["lorakit_importable"], "lorakit_modules_in_check":
             plain["lorakit_modules"], "seconds_per_step": result["seconds_per_step"], "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - start,
+        "llama_cpp_answers": None if llama is None else [decode(tokenizer, ids) for ids in llama],
+        "llama_cpp_equal": None if llama is None else [l == a for l, a in zip(llama, after)],
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     print(f"total time {summary['total_seconds']:.0f} s (training {train_seconds:.0f} s); summary in "

@@ -114,3 +114,7 @@ def test_chat_example_on_smollm2(tmp_path):
     assert summary["merged_equal"] and summary["merged_answers"] == summary["after"]
     assert summary["lorakit_importable_in_check"] is False
     assert "equal the adapted model's for 3/3 questions" in proc.stdout
+    # the example ends in llama.cpp (llama-cpp-python is a dev dependency): SmolLM2's Q4_1 GGUF + the adapter as GGUF
+    assert summary["llama_cpp_equal"] is not None and len(summary["llama_cpp_answers"]) == 3, proc.stdout[-2000:]
+    assert all(answer.strip() for answer in summary["llama_cpp_answers"])
+    assert "llama.cpp (" in proc.stdout and "greedy answers equal the adapted model's for" in proc.stdout

