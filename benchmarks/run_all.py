@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--no-peak", action="store_true")
     p.add_argument("--out", type=Path)
-    p.add_argument("--only", choices=["lora", "methods"], nargs="+", default=["lora", "methods"])
+    # "compile" (bench_compile.py: eager vs torch.compile, ~30 min of compiling on 2 busy cores) runs when asked
+    p.add_argument("--only", choices=["lora", "methods", "compile"], nargs="+", default=["lora", "methods"])
     p.add_argument("--sections", nargs="+", help="family sections to run (see bench_methods.py --help)")
     args = p.parse_args(argv)
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[run_all] {name}: exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
         if rc != 0:
             failures.append(name)
-    for name in ("lora", "methods"):  # the latest result of each benchmark, including ones not rerun now
+    for name in ("lora", "methods", "compile"):  # the latest result of each benchmark, including ones not rerun now
         md = Path(out_dir) / f"{name}{suffix}.md"
         if md.exists():
             parts.append(md.read_text())
