@@ -36,7 +36,7 @@ MEMBERS = {
     "lora_drop": (1, "self_attn.o_proj", dict(method="lora_drop")),
     "loftq": (1, "mlp.gate_proj", dict(method="lora", init="loftq")),
     "qlora": (1, "mlp.up_proj", dict(method="lora")),
-    "qdora": (1, "mlp.down_proj", dict(method="dora")),
+    "qdora": (1, "mlp.down_proj", dict(method="dora", dora_detach_norm=False)),  # gradient through the norm
 }
 #: members whose layer function can be folded into the weights
 MERGEABLE = [n for n in MEMBERS if n != "sora"]
