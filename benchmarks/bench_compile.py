@@ -130,7 +130,7 @@ def section(name: str, base: torch.nn.Module, size: Size, targets: Table) -> tup
         first_loss[e.name] = step(e)
     contenders = [x for pair in zip(eager, compiled) for x in pair]
     times = alternate(contenders, step, size.warmup, size.rounds)
-    eager_ms = {c.name: median(times[c.name]) for c in eager}
+    eager_s = {c.name: median(times[c.name]) for c in eager}
     reference = eager[-1].name if name != "lora" else "PEFT LoRA"
     table = Table(f"{name}: training step eager vs torch.compile (inductor), {size.batch}x{size.seq} tokens, "
                   f"{size.rounds} alternating rounds",
@@ -140,7 +140,7 @@ def section(name: str, base: torch.nn.Module, size: Size, targets: Table) -> tup
         for x in (e, c):
             is_c = x is c
             graphs = counters[c.name].frame_count if is_c else None
-            comp = max(0.0, compile_s[c.name] - eager_ms[e.name]) if is_c else None
+            comp = max(0.0, compile_s[c.name] - eager_s[e.name]) if is_c else None
             table.add(x.name, median(times[x.name]) * 1e3, iqr(times[x.name]) * 1e3,
                       paired_ratio(times, x.name, e.name), paired_ratio(times, x.name, reference),
                       graphs if not is_c or not fullgraph[c.name] else f"{graphs} (fullgraph)", comp,
