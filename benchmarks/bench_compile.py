@@ -23,7 +23,7 @@ Run: ``.venv/bin/python benchmarks/bench_compile.py [--only lora dora vera qlora
 from __future__ import annotations
 
 import copy
-import statistics
+import os
 import sys
 import time
 import traceback
@@ -261,7 +261,6 @@ def run(args) -> dict[str, Any]:
     base = build_base(size)
     tables, data = [], {"size": size.__dict__}
     targets = Table("Targets (issue 16)", ["target", "goal", "measured", "met"])
-    measured: dict[str, float] = {}
     for name in args.only or SECTIONS:
         print(f"[bench_compile] section {name} ...", file=sys.stderr, flush=True)
         try:
@@ -273,14 +272,24 @@ def run(args) -> dict[str, Any]:
         tables += new_tables
         data[name] = section_data
         torch._dynamo.reset()  # free the section's graphs before the next one
-    for row in targets.rows:
-        measured[row[0]] = row[2]
-    flops, data["flops"] = flop_table(size, measured)
-    load = statistics.mean(__import__("os").getloadavg())
-    targets.notes.append(f"load average at the end: {load:.2f} on {meta['cpu_count']} CPUs (shared machine: other "
-                         "processes ran during the measurement; contenders alternate so each ratio sees the same load)")
-    write_results("compile" + ("_quick" if args.quick else ""), tables + [flops, targets], meta, data, args.out)
+        write(args, size, meta, tables, targets, data)  # after every section: a long run keeps what it measured
+    flops = write(args, size, meta, tables, targets, data, final=True)
     return {"tables": tables + [flops, targets], "data": data, "meta": meta}
+
+
+def write(args, size: Size, meta: dict[str, Any], tables: list[Table], targets: Table, data: dict[str, Any],
+          final: bool = False) -> Table:
+    """Write the results so far (the FLOP table reflects the targets measured so far); returns the FLOP table."""
+    measured = {row[0]: row[2] for row in targets.rows}
+    flops, data["flops"] = flop_table(size, measured)
+    load = os.getloadavg()[0]
+    notes = targets.notes
+    targets.notes = notes + [f"load average (1 min) when written: {load:.2f} on {meta['cpu_count']} CPUs (shared "
+                             "machine: other processes ran during the measurement; contenders alternate step by step "
+                             "so each ratio sees the same load)" + ("" if final else "; sections still running")]
+    write_results("compile" + ("_quick" if args.quick else ""), tables + [flops, targets], meta, data, args.out)
+    targets.notes = notes
+    return flops
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
