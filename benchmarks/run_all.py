@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--no-peak", action="store_true")
     p.add_argument("--out", type=Path)
-    p.add_argument("--only", choices=["lora", "methods", "to_lora"], nargs="+", default=["lora", "methods", "to_lora"])
+    # "compile" (bench_compile.py: eager vs torch.compile, ~30 min of compiling on 2 busy cores) runs when asked
+    p.add_argument("--only", choices=["lora", "methods", "to_lora", "compile"], nargs="+",
+                   default=["lora", "methods", "to_lora"])
     p.add_argument("--sections", nargs="+", help="family sections to run (see bench_methods.py --help)")
     args = p.parse_args(argv)
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[run_all] {name}: exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
         if rc != 0:
             failures.append(name)
-    for name in ("lora", "methods", "to_lora"):  # the latest result of each benchmark, including ones not rerun now
+    for name in ("lora", "methods", "to_lora", "compile"):  # the latest result of each, including ones not rerun now
         md = Path(out_dir) / f"{name}{suffix}.md"
         if md.exists():
             parts.append(md.read_text())

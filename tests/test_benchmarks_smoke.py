@@ -78,3 +78,26 @@ def test_methods_sections_skip_missing_method():
 
     with pytest.raises(bench_methods.Skip, match="not registered"):
         bench_methods.need_method("no_such_method")
+
+
+@pytest.mark.slow
+def test_bench_compile_quick_table(tmp_path):
+    """bench_compile runs end to end (tiny sizes): eager and compiled twins agree on the first loss, lorakit's
+    compiled model is one graph, and the FLOP table counts what LoRA adds (3·r·(in+out) per token and layer)."""
+    import bench_compile
+    from common import SIZES
+
+    result = bench_compile.main(["--quick", "--only", "qlora", "--rounds", "1", "--warmup", "0", "--out",
+                                 str(tmp_path)])
+    section, flops, targets = result["tables"]
+    names = [row[0] for row in section.rows]
+    assert names == ["lorakit QLoRA", "lorakit QLoRA compiled"]
+    eager_row, compiled_row = section.rows
+    assert compiled_row[5] == "1 (fullgraph)" and compiled_row[6] > 0
+    assert compiled_row[7] == pytest.approx(eager_row[7], rel=1e-4)  # same first training loss
+    size = SIZES["quick"]
+    shapes = bench_compile.linear_shapes(size)
+    assert len(shapes) == 7 * size.layers
+    lora_row = next(row for row in flops.rows if row[0].startswith("multiply-adds the adapter adds"))
+    assert lora_row[2] == sum(3 * 16 * (i + o) for i, o in shapes)
+    assert (tmp_path / "compile_quick.md").exists() and (tmp_path / "compile_quick.json").exists()

@@ -450,3 +450,21 @@ def test_activation_checkpointing_gives_the_same_gradients(where):
     got = torch.autograd.grad(run(True), params)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_inference_mode_forward_equals_no_grad_forward():
+    """Inference tensors have no version counter: the shared-projection cache must not ask for one (it raised)."""
+    model = tiny_llama(hidden=32, layers=1)
+    lorakit.attach(model, AdapterConfig(method="vera", r=8, targets="all-linear", seed=0))
+    with torch.no_grad():
+        for _, layer in adapted_layers(model):
+            layer.adapters["default"].lambda_b.normal_()
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)

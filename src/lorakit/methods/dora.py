@@ -198,6 +198,11 @@ class DoraAdapter(LoraAdapter):
         graph = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
         if graph and not self.detach_norm:
             return self._compute_norm(layer, a, b)
+        if torch.compiler.is_compiling():
+            # the caches are keyed on storage and version counters, which a compiled graph cannot guard on: the
+            # graph recomputes n each call (see _compute_norm)
+            with torch.no_grad():
+                return self._compute_norm(layer, a.detach(), b.detach())
         cacheable = not (self.training and graph)  # FSDP may refill parameters without a version bump: no reuse
         key = (self._base_key(layer), _tensor_key(a), _tensor_key(b), self.scaling) if cacheable else None
         if key is not None and self._norm is not None and self._norm[0] == key:
@@ -214,6 +219,11 @@ class DoraAdapter(LoraAdapter):
         acc = torch.promote_types(a.dtype, torch.float32)
         w = self._base_matrix(layer)
         a, b, s = a.to(acc), b.to(acc), self.scaling
+        if torch.compiler.is_compiling():
+            # A graph cannot branch on the data (the rare repair below; torch.cond there broke transformers' cache
+            # tracing), so it takes the direct form for every row: the same GEMM size as W Aᵀ plus one [out, in]
+            # temporary, and no cancellation. Eager numerics are untouched; compiled agrees to rounding.
+            return torch.linalg.vector_norm(w.to(acc) + s * (b @ a), dim=1).clamp_min(torch.finfo(acc).tiny)
         wsq = self._weight_sq(layer, w, acc)
         wa = _rows_matmul(w, a.t(), acc)  # W Aᵀ: [out, r]
         n2 = wsq + (2 * s) * (b * wa).sum(1) + (s * s) * ((b @ (a @ a.t())) * b).sum(1)

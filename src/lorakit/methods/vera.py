@@ -112,6 +112,12 @@ class VeraProjection(nn.Module):
         hit or a miss never changes what autograd saves (activation checkpointing requires the recomputation to
         save exactly what the forward saved).
         """
+        if torch.compiler.is_compiling():
+            # weak references and version counters cannot be traced; in a compiled graph the identical products of
+            # sibling layers are one expression, which the compiler's common-subexpression pass shares instead
+            return _VeraDown.apply(x, a)
+        if key.is_inference():  # no version counter to prove it unchanged since the last call: no sharing
+            return _VeraDown.apply(x, a)
         grad = torch.is_grad_enabled()
         last = self._last
         if last is not None:

@@ -137,9 +137,16 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = DQ_BLOCKSIZE) -> t
     return codes.reshape(-1)[:n], absmax
 
 
+@torch.compiler.assume_constant_result
+def _dynamic_map_constant(device: str) -> torch.Tensor:
+    # torch.compile calls this once while tracing and keeps the table as a graph constant: building it (a Python
+    # loop with .tolist()) cannot be traced, and it depends on nothing but the device
+    return _dynamic_map(device)
+
+
 def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, blocksize: int = DQ_BLOCKSIZE) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise_8bit`: ``code[q] · absmax`` in fp32."""
-    code = _dynamic_map(str(q.device))
+    code = _dynamic_map_constant(str(q.device))
     n = q.numel()
     values = code[q.reshape(-1).long()]
     nblocks = absmax.numel()
@@ -259,6 +266,12 @@ def _byte_table(device: str) -> torch.Tensor:
     return torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous().view(torch.int64).view(-1)
 
 
+@torch.compiler.assume_constant_result
+def _byte_table_constant(device: str) -> torch.Tensor:
+    # under torch.compile: built once while tracing and kept as a graph constant, not rebuilt in every forward
+    return _byte_table(device)
+
+
 def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense tensor from :class:`NF4Tensor`: ``code[idx] · absmax`` in fp32, then cast to ``dtype``.
 
@@ -275,7 +288,7 @@ def dequantize_parts(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[in
     """Dequantise packed NF4 codes with fp32 block constants ``absmax`` to a ``shape`` tensor in ``dtype``."""
     n = math.prod(shape)
     index = packed.reshape(-1).to(torch.int32)
-    values = _byte_table(str(packed.device)).index_select(0, index).view(torch.float32)
+    values = _byte_table_constant(str(packed.device)).index_select(0, index).view(torch.float32)
     nblocks = absmax.numel()
     if values.numel() != nblocks * blocksize:
         values = torch.nn.functional.pad(values[:n], (0, nblocks * blocksize - n))
