@@ -108,11 +108,6 @@ def test_adapter_file_reads_back_in_llama_cpp_layout(tmp_path):
             torch.testing.assert_close(b @ a, expected, rtol=1e-5, atol=1e-6)
             if proj in ("q_proj", "k_proj"):  # not vacuous: the permutation did change the rows
                 assert not torch.allclose(b @ a, adapter.delta_weight(layer), atol=1e-4)
-    # only the output side is permuted: A is LoRA's own A (scaling folded into B)
-    q = dict(adapted_layers(model))["model.layers.0.self_attn.q_proj"].adapters["default"]
-    torch.testing.assert_close(torch.from_numpy(np.array(tensors["blk.0.attn_q.weight.lora_a"].data)), q.A.detach())
-    torch.testing.assert_close(torch.from_numpy(np.array(tensors["blk.0.attn_q.weight.lora_b"].data)),
-                               rotary_order(q.B.detach() * q.scaling, HEADS))
     # the padded rank of down_proj adds nothing: its extra rows of A / columns of B are zero
     down_b = np.array(tensors["blk.0.ffn_down.weight.lora_b"].data)
     assert np.all(down_b[:, 2:] == 0) and np.any(down_b[:, :2] != 0)
@@ -152,7 +147,7 @@ def test_refusals_leave_nothing_written(tmp_path):
     lorakit.attach(model, lorakit.AdapterConfig(method="dora", r=2, targets=["v_proj"]), name="dora")
     with pytest.raises(ValueError, match=r"not a plain LoRA .*lorakit.to_lora\(model, 'dora'\)"):
         lk_gguf.write_lora_adapter(model, "dora", tmp_path / "a")
-    with pytest.raises(ValueError, match="adapter 'nope' is not on this model"):
+    with pytest.raises(ValueError, match="unknown adapter 'nope'; this model has"):
         lk_gguf.write_lora_adapter(model, "nope", tmp_path / "a")
     with pytest.raises(ValueError, match="dtype='q4_0' is not available for a GGUF LoRA adapter; allowed: f32, f16"):
         lk_gguf.write_lora_factors(tmp_path / "a", {"model.layers.0.self_attn.q_proj": (torch.zeros(2, 64),

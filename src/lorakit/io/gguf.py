@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ..convert import uniform_lora_factors
+from ..registry import adapted_layers
 from .files import atomic_folder
 
 ADAPTER_FILE = "adapter.gguf"
@@ -260,6 +261,22 @@ def _model_config(model: nn.Module) -> Any:
     return config
 
 
+def _require_plain_lora(model: nn.Module, name: str) -> None:
+    """Refuse a member without an exact low-rank form (DoRA...): converting it here would hide a choice of rank and
+    its error; ``to_lora`` or ``export`` make that choice visible."""
+    for _, layer in adapted_layers(model):
+        if name not in layer.adapters:
+            continue
+        adapter = layer.adapters[name]
+        try:
+            adapter.as_lora_factors()
+        except ValueError:
+            raise ValueError(f"adapter {name!r} ({adapter.method}) is not a plain LoRA (no exact low-rank form at layer "
+                             f"{adapter.path!r}); convert it first: "
+                             f"lorakit.to_lora(model, {name!r}), or lorakit.export(model, folder, "
+                             f"target='llama.cpp', name={name!r}) which converts and reports the error") from None
+
+
 def write_lora_adapter(model: nn.Module, name: str, folder: str | os.PathLike, dtype: str = "f32") -> dict:
     """Write adapter ``name`` of a Llama-family transformers ``model`` as ``folder/adapter.gguf`` for llama.cpp.
 
@@ -275,6 +292,7 @@ def write_lora_adapter(model: nn.Module, name: str, folder: str | os.PathLike, d
     """
     config = _model_config(model)
     llama_layout(config)  # the architecture is refused before any conversion work
+    _require_plain_lora(model, name)
     factors, alpha, _ = uniform_lora_factors(model, name)
     return write_lora_factors(folder, factors, alpha, config, dtype=dtype, name=name)
 
