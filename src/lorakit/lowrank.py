@@ -17,6 +17,20 @@ __all__ = ["LowRank", "factorize", "factorize_product", "check_rank_energy"]
 
 
 @dataclass(frozen=True)
+class LayerFit:
+    """How one layer's change became LoRA factors: the rank kept, the change's numerical rank, and the relative error
+    ``‖ΔW − B A‖_F / ‖ΔW‖_F`` (0 when exact). What ``to_lora``'s and ``combine``'s reports list per layer."""
+
+    rank: int
+    exact_rank: int
+    rel_error: float
+
+    @property
+    def exact(self) -> bool:
+        return self.rank >= self.exact_rank
+
+
+@dataclass(frozen=True)
 class LowRank:
     """``B @ A`` approximates (or equals) a weight change ``delta`` of shape ``[out, in]``.
 

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
-from .lowrank import check_rank_energy, factorize
+from .lowrank import LayerFit, check_rank_energy, factorize
 from .methods import GENERIC_MIXING_METHOD, get_method
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,20 +69,6 @@ _USES_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 _USES_SEED = ("dare_linear", "dare_ties")
 _USES_SIGN = ("ties", "dare_ties")
 MAJORITY_SIGNS = ("total", "frequency")
-
-
-@dataclass(frozen=True)
-class LayerFit:
-    """How one layer's mixed change became LoRA factors: the rank kept, the change's numerical rank, and
-    ``‖mix − B A‖_F / ‖mix‖_F``."""
-
-    rank: int
-    exact_rank: int
-    rel_error: float
-
-    @property
-    def exact(self) -> bool:
-        return self.rank >= self.exact_rank
 
 
 @dataclass
