@@ -170,6 +170,12 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
 
 def _destroy_group() -> None:
     if dist.is_initialized():
+        try:
+            # every rank stops using the group before any rank tears its connections down: a peer closing while
+            # another still reads made gloo abort at exit (SIGABRT, seen in CI)
+            dist.barrier()
+        except Exception:  # a peer already gone (a failed run): tear down anyway
+            pass
         dist.destroy_process_group()
 
 
