@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from test_cli import run  # the in-process CLI runner the CLI tests share
+
 from lorakit import compare as cmp
 from lorakit.compare import (TASKS, CompareConfig, contender_for, expand_sweep, paired_difference, parse_bytes,
                              parse_variant, recommend, write_report)
@@ -344,16 +346,7 @@ def test_the_loss_plot_has_one_panel_per_family_with_the_reference_in_each(tmp_p
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: one line, before anything trains
 # ---------------------------------------------------------------------------------------------------------------
-def run_cli(argv, capsys):
-    from lorakit.cli import main
-
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+run_cli = run  # test_cli's in-process runner: (exit code, stdout, stderr)
 
 
 def test_bad_input_is_one_line_before_any_training(tmp_path, tiny_classifier_folder, tiny_chat_folder, capsys):
