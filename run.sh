@@ -34,7 +34,7 @@ ensure_chromium() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || {
         apt-get update -qq >/dev/null 2>&1 &&
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } ||
-        echo "[run.sh] could not install chromium; the HTML report test will be skipped" >&2
+        { echo "[run.sh] could not install chromium, which the HTML report tests need" >&2; exit 1; }
 }
 
 cmd="${1:-main}"; shift || true

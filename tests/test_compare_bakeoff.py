@@ -469,8 +469,7 @@ def test_causal_lm_bake_off_on_a_tiny_chat_model(tmp_path, tiny_chat_folder, cap
 def test_the_bake_off_report_opens_in_headless_chromium(tmp_path, tiny_chat_folder, capsys):
     from test_report import _chromium, open_in_chromium  # the existing report test's browser check
 
-    if _chromium() is None:
-        pytest.skip("chromium is not installed (./run.sh test installs Debian's package)")
+    assert _chromium() is not None, "chromium is not installed: ./run.sh test installs Debian's package"
     model_dir, data = tiny_chat_folder
     out = tmp_path / "report"
     code, _, err = run_cli(["compare", "--task", "causal-lm", "--model", str(model_dir), "--data", str(data),
