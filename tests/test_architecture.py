@@ -1,6 +1,7 @@
 """The architecture's rules, enforced (issue 12; ARCHITECTURE.md explains them).
 
-* imports run one way: the import contracts in pyproject.toml (import-linter), which count imports inside functions;
+* imports run one way: the import contracts in pyproject.toml (import-linter), which count imports inside functions,
+  and no import cycle at all among lorakit's modules (inside a floor too, where the layers contract does not look);
 * no module imports another module's ``_private`` names;
 * no file outside ``methods/`` branches on a method's or an init's name (the registry line and the bake-off's
   contenders table list methods; they do not compare against them).
@@ -53,14 +54,14 @@ def test_the_contracts_catch_an_upward_import(tmp_path):
     assert proc.returncode != 0 and "lorakit.layers is not allowed to import lorakit.model" in proc.stdout
 
 
-def private_imports(path: Path) -> list[str]:
+def private_imports(path: Path, root: Path = ROOT) -> list[str]:
     """``from X import _name`` of a lorakit module (relative or absolute) in ``path``."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("lorakit")):
             for alias in node.names:
                 if alias.name.startswith("_") and not alias.name.startswith("__"):
-                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {alias.name}")
+                    found.append(f"{path.relative_to(root)}:{node.lineno} imports {alias.name}")
     return found
 
 
@@ -72,16 +73,50 @@ def test_no_module_imports_another_modules_private_names():
 def test_the_private_import_check_is_not_vacuous(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("from ..model import _secret\nfrom lorakit.io import atomic_folder\n")
-    assert [h.split(" imports ")[1] for h in private_imports_at(probe)] == ["_secret"]
+    assert [h.split(" imports ")[1] for h in private_imports(probe, tmp_path)] == ["_secret"]
 
 
-def private_imports_at(path: Path) -> list[str]:
-    found = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("lorakit")):
-            found += [f"{path.name}:{node.lineno} imports {a.name}" for a in node.names
-                      if a.name.startswith("_") and not a.name.startswith("__")]
-    return found
+# Run in a child process: grimp imports nothing, but it finds the package through sys.path, and the copy in the
+# planted-cycle test must not be shadowed by the lorakit this process already imported.
+CYCLES = """
+import json, grimp
+graph = grimp.build_graph("lorakit", exclude_type_checking_imports=True, cache_dir=None)
+cycles = []
+for importer in sorted(graph.modules):
+    for imported in sorted(graph.find_modules_directly_imported_by(importer)):
+        back = graph.find_shortest_chain(importer=imported, imported=importer)
+        if back:
+            cycles.append([importer, *back])
+print(json.dumps(cycles))
+"""
+
+
+def import_cycles(src: Path) -> list[list[str]]:
+    """Every import edge that closes a cycle, as the cycle's modules (imports inside functions count; imports under
+    ``if TYPE_CHECKING:`` do not, since they never run)."""
+    import json
+
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    proc = subprocess.run([sys.executable, "-c", CYCLES], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_no_import_cycle_among_lorakit_modules():
+    assert import_cycles(ROOT / "src") == []
+
+
+def test_the_cycle_check_catches_a_cycle_inside_one_floor(tmp_path):
+    """Not vacuous, and it sees what the layers contract cannot: methods/base.py importing methods/lora.py (which
+    imports base) inside a function is a cycle within one floor."""
+    import shutil
+
+    copy = tmp_path / "src" / "lorakit"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    base = copy / "methods" / "base.py"
+    base.write_text(base.read_text() + "\n\ndef _planted():\n    from . import lora  # noqa: F401\n")
+    cycles = import_cycles(tmp_path / "src")
+    assert ["lorakit.methods.base", "lorakit.methods.lora", "lorakit.methods.base"] in cycles
 
 
 def name_branches(path: Path, names: set[str]) -> list[str]:
