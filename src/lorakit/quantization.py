@@ -45,7 +45,7 @@ from .methods import get_method
 from .model import unload
 from .registry import adapted_layers, registry_or_none, saved_modules
 from .io.peft import PEFT_CONFIG, PEFT_WEIGHTS, PREFIX
-from .methods.peft_lora import peft_loftq_settings
+from .methods.peft_lora import lora_peft_init
 from .quant.linear4bit import COMPUTE_DTYPES, Linear4bit, dtype_name
 from .quant.nf4 import check_blocksize
 
@@ -505,14 +505,15 @@ def _required_base(entry: dict[str, Any]) -> dict[str, Any] | None:
 def _peft_loftq_entries(folder: Path) -> list[dict[str, Any]]:
     """A PEFT LoftQ folder as :func:`quantize_for_adapter` entries (layers read from the tensor names)."""
     cfg = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
-    settings = peft_loftq_settings(cfg, folder) if isinstance(cfg, dict) else None
-    if settings is None:
+    # LoRA's reading of PEFT's init settings: a LoftQ folder sets init="loftq" (and loftq_iter), so its entry
+    # requires the NF4 base (base_requirements); any other folder needs no quantised base
+    fields = lora_peft_init(cfg, folder) if isinstance(cfg, dict) else {}
+    if not fields:
         return []
     with safe_open(str(folder / PEFT_WEIGHTS), "pt") as fh:
         keys = list(fh.keys())
     layers = sorted({k[len(PREFIX):].rsplit(".lora_A", 1)[0] for k in keys if ".lora_A" in k and k.startswith(PREFIX)})
-    # PEFT's LoftQ is LoRA's init="loftq" (as lorakit.load_peft reads it)
-    return [{"config": {"init": "loftq", "loftq_iter": settings["loftq_iter"]}, "layers": layers}]
+    return [{"config": fields, "layers": layers}]
 
 
 __all__ = ["quantize", "save_quantized", "load_quantized", "requantize", "quantize_for_adapter", "DEFAULT_SKIP",

@@ -287,6 +287,18 @@ class Adapter(nn.Module):
         return False
 
     @classmethod
+    def peft_init(cls, cfg: dict[str, Any], folder: Path) -> dict[str, Any]:
+        """The AdapterConfig fields a PEFT config's init settings set (LoRA's ``init_lora_weights`` and
+        ``loftq_config``), read before any tensor; a ValueError naming the init when lorakit cannot load it.
+        Default: none (the config's init is PEFT's default)."""
+        return {}
+
+    @classmethod
+    def check_peft_layer(cls, ops: "LayerOps", init: dict[str, Any], path: str) -> None:
+        """Raise ValueError (naming the layer and the fix) if a PEFT adapter whose init set ``init`` (from
+        :meth:`peft_init`) cannot be used on this base layer (LoftQ needs its NF4 base). Default: any base fits."""
+
+    @classmethod
     def from_peft(cls, cfg: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]],
                   shared: dict[str, torch.Tensor], ops: dict[str, "LayerOps"], folder: Path
                   ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
