@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..config import AdapterConfig
 from ..quant.linear4bit import COMPUTE_DTYPES, Linear4bit
 from ..quant.loftq import loftq_decompose
 from .base import Adapter, kaiming_uniform
 from .peft_lora import lora_from_peft, lora_peft_init, lora_to_peft
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..config import AdapterConfig
     from ..layers import AdaptedLayer, LayerOps
 
 PISSA_INITS = ("pissa", "pissa_fast")
@@ -298,8 +298,6 @@ class LoraAdapter(Adapter):
     def from_factors(cls, ops: "LayerOps", path: str, a: torch.Tensor, b: torch.Tensor,
                      scaling: float) -> "LoraAdapter":
         """A plain LoRA adapter holding given factors (``ΔW = scaling·B A``)."""
-        from ..config import AdapterConfig
-
         r = a.shape[0]
         adapter = cls(ops, AdapterConfig(method="lora", r=r, alpha=float(scaling * r)), path)
         adapter._set(a, b)
