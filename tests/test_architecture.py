@@ -270,3 +270,23 @@ def test_the_inner_import_check_is_not_vacuous(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("import json\n\ndef f():\n    from ..model import attach\n    import lorakit.io\n    import yaml\n")
     assert lorakit_imports_inside_functions(probe) == [("f", "..model"), ("f", "lorakit.io")]
+
+
+def rule_sites(pattern: str) -> list[str]:
+    """Lines of the package matching ``pattern`` (a regex), as ``file:line``."""
+    import re
+
+    rx = re.compile(pattern)
+    return [f"{p.relative_to(PACKAGE)}:{i}" for p in modules()
+            for i, line in enumerate(p.read_text().splitlines(), 1) if rx.search(line)]
+
+
+def test_one_rule_one_place():
+    """Each rule is written once: what a Conv1D is, what a norm is, the suffix-or-regex name rule (PEFT's own key
+    rule is PEFT's, in methods/peft_lora.py and io/peft.py), which model a name means, the loader's rollback."""
+    assert [s.split(":")[0] for s in rule_sites(r'"Conv1D"')] == ["quant/linear4bit.py"]
+    assert [s.split(":")[0] for s in rule_sites(r"def _?is_norm\b|_NORM_NAME = ")] == ["layers.py", "layers.py"]
+    assert [s.split(":")[0] for s in rule_sites(r'endswith\("\." \+ name\)')] == ["config.py"]
+    assert [s.split(":")[0] for s in rule_sites(r"def (resolve_model_path|_?resolve_model\w*)\b")] == [
+        "compare.py", "train/job.py"]  # compare.resolve_model only forwards to train.job's
+    assert [s.split(":")[0] for s in rule_sites(r"def roll_back\b|def _?rollback\b")] == ["io/loader.py"]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant.linear4bit import Linear4bit
+from .quant.linear4bit import Linear4bit, is_conv1d  # the one Conv1D rule (re-exported: lorakit.layers.is_conv1d)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .methods.base import Adapter
@@ -255,16 +255,6 @@ class Linear4bitOps(LayerOps):
     def densify(self) -> nn.Module:
         """A plain ``nn.Linear`` in the compute dtype with the dequantised weight (exact)."""
         return self.base.to_linear()
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """True for transformers' GPT-2 ``Conv1D`` (recognised by shape, so transformers need not be imported).
-
-    Example:
-        >>> is_conv1d(nn.Linear(2, 2))
-        False
-    """
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 _NORM_TYPES: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.BatchNorm1d, nn.BatchNorm2d,

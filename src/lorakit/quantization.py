@@ -116,7 +116,8 @@ def quantize(model: nn.Module, bits: int = 4, double_quant: bool = True, compute
       matching a whole path; a container (e.g. a classification head module) skips every layer inside it. Each
       entry must be a valid regex and match at least one module (else ValueError, with close names). Default
       (None): ``lm_head``, where the model has one, as QLoRA does;
-    * norms (LayerNorm, RMSNorm, any module whose class name contains "norm") are cast to fp32, as QLoRA does;
+    * norms (:func:`lorakit.layers.is_norm`: torch's norm layers and any module whose class name ends in "Norm") are
+      cast to fp32, as QLoRA does;
       every other module keeps its dtype (load the model in bf16 first to reproduce QLoRA's setup exactly);
     * layers already wrapped by lorakit adapters are quantised underneath their adapters (QPiSSA: attach
       ``init="pissa"`` first, then quantise, so the residual is what gets quantised);
