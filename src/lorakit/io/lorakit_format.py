@@ -298,7 +298,7 @@ def restore(model: nn.Module, path: str | os.PathLike) -> None:
             if before is not None or after is not None:
                 b = 0 if before is None else before
                 a = 0 if after is None else after.to(layer.ops.device())
-                layer._apply_weight(lambda w, a=a, b=b: w - b + a)
+                layer.change_base_weight(lambda w, a=a, b=b: w - b + a)
         if name in reg.shared:
             prefix = SEP.join((name, "shared", "", ""))
             reg.shared[name].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
