@@ -35,7 +35,10 @@ class AdapterRegistry:
         self.modules_to_save: dict[str, list[str]] = {}  # adapter name -> paths of the modules it trains whole
         self.active: list[str] = []
         self.shared: dict[str, nn.Module] = {}  # adapter name -> shared state (VeRA pair, LoRA-drop shared pairs)
-        self.extra: dict[str, dict[str, Any]] = {}  # per-adapter method bookkeeping (reports, schedules)
+        # adapter name -> what attach and the method recorded about it, saved with it as "extra" in
+        # lorakit_config.json: "base" (the 4-bit base it was fitted to, from base_requirements) and the method's own
+        # reports under keys its file defines (final ranks, gate schedules, selected layers)
+        self.extra: dict[str, dict[str, Any]] = {}
         # (object, attribute, old value) changed when merge untied a tied weight (transformers' tie settings)
         self.tie_settings: list[tuple[Any, str, Any]] = []
 
