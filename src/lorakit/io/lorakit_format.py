@@ -33,7 +33,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..methods import get_method
 from ..model import check_adapter_name
-from ..registry import adapted_layers, registry, saved_copy
+from ..registry import adapted_layers, adapter_entries, registry, saved_copy
 from .files import (SEP, AdapterLoadError, atomic_folder, check_save_target, full_tensor, read_safetensors,
                     write_new_file)
 from .loader import AdapterToLoad, check_dtype, choose_adapters, few_keys, install_adapters
@@ -118,7 +118,7 @@ def _as_plain_lora(model: nn.Module, name: str, config: AdapterConfig, state: di
                    ) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """Adapter ``name``'s config and tensors as the plain LoRA its strategy converts it to (PiSSA's rank-2r form);
     unchanged when the strategy has no other form."""
-    entries = [(path, layer, layer.adapters[name]) for path, layer in adapted_layers(model) if name in layer.adapters]
+    entries = adapter_entries(model, name)
     plain = get_method(config.method).as_plain_lora(config, entries)
     if plain is None:
         return config, state

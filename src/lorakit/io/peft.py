@@ -41,10 +41,10 @@ from torch import nn
 from ..config import AdapterConfig
 from ..layers import AdaptedLayer, UnsupportedLayer, ops_for
 from ..methods import Adapter, available_methods, get_method
-from ..methods.peft_lora import PEFT_MODEL_PREFIX, peft_number
+from ..methods.peft_lora import PEFT_MODEL_PREFIX
 # LoRA's PEFT init rules, kept importable here under their 0.1.0 names (lorakit.peft_format re-exports them)
 from ..methods.peft_lora import PEFT_UNSUPPORTED_INITS, peft_loftq_settings  # noqa: F401
-from ..registry import adapted_layers, registry, saved_copy
+from ..registry import AdapterEntry, adapter_entries, registry, saved_copy
 from .files import SEP, AdapterLoadError, atomic_folder, check_save_target, read_safetensors
 from .loader import AdapterToLoad, choose_adapters, install_adapters
 from .lorakit_format import CONFIG_FILE
@@ -465,8 +465,8 @@ def infer_task_type(model: nn.Module) -> str | None:
     return None
 
 
-def _layer_entries(model: nn.Module, name: str):
-    return [(path, layer, layer.adapters[name]) for path, layer in adapted_layers(model) if name in layer.adapters]
+def _layer_entries(model: nn.Module, name: str) -> list[AdapterEntry]:
+    return adapter_entries(model, name)
 
 
 def _module_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:

@@ -42,7 +42,8 @@ from ..convert import ToLoraReport, describe_conversion, to_lora
 from ..lowrank import check_rank_energy
 from ..methods import get_method
 from ..methods.peft_lora import PEFT_BASE_CHANGING_INITS, peft_init_changes_base
-from ..model import active_adapters, adapted_layers, delete, registry, set_active, unload
+from ..model import active_adapters, delete, registry, set_active, unload
+from ..registry import adapter_entries
 from .api import load
 from .files import atomic_folder, check_save_target
 from .gguf import write_lora_adapter, write_merged_model
@@ -385,7 +386,7 @@ def _writes_natively(strategy, name, config, model) -> bool:
     """True when the member's own PEFT translation accepts it (a dry run of ``to_peft``, nothing written)."""
     if strategy.peft_type is None:
         return False
-    entries = [(p, layer, layer.adapters[name]) for p, layer in adapted_layers(model) if name in layer.adapters]
+    entries = adapter_entries(model, name)
     try:
         strategy.to_peft(name, config, entries, registry(model).shared.get(name))
     except ValueError:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..registry import AdapterEntry
 from .peft_lora import LORA_KEYS, lora_to_peft
 from .watch import watch_adapter
 
@@ -72,12 +73,8 @@ def placed_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(t, ref.device_mesh, ref.placements, src_data_rank=None)
 
 
-class HookEntry(NamedTuple):
-    """One layer of an adapter, as the training hooks pass it to the per-adapter classmethods (``entries``)."""
-
-    path: str
-    layer: "AdaptedLayer"
-    adapter: "Adapter"
+#: one layer of an adapter, as the training hooks pass it to the per-adapter classmethods (``entries``)
+HookEntry = AdapterEntry
 
 
 class Adapter(nn.Module):
