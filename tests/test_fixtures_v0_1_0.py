@@ -55,8 +55,13 @@ def pristine_base(kind: str, sha256: str) -> tuple[torch.nn.Module, torch.Tensor
 
 
 def fresh_base(meta: dict) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A copy of the pristine base, with the 4-bit layers the adapter was saved on (QLoRA, LoftQ): quantised by the
+    same ``lorakit.quantize`` calls the generator made, which are deterministic, so the packed weights are 0.1.0's."""
     model, x = pristine_base(meta["base"], meta["base_sha256"])
-    return copy.deepcopy(model), x
+    model = copy.deepcopy(model)
+    for settings in meta.get("quantised_base", []):
+        lorakit.quantize(model, **{**settings, "compute_dtype": getattr(torch, settings["compute_dtype"])})
+    return model, x
 
 
 def loaded(fixture: str, fmt: str):

@@ -93,7 +93,7 @@ def test_disabled_and_delete_while_merged_restore_exactly():
 
 
 def test_base_shift_while_another_adapter_is_merged_stays_consistent():
-    """delete() of a Delta-LoRA adapter undoes its base shift (via _apply_weight) while a LoRA is merged."""
+    """delete() of a Delta-LoRA adapter undoes its base shift (via change_base_weight) while a LoRA is merged."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 8))
     w0 = net[0].weight.detach().clone()

@@ -39,10 +39,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from .assets import movie_reviews
 from .config import AdapterConfig
 from .io import atomic_write_text, save
+from .methods import get_method
 from .model import attach
-from .train.trainer import TrainConfig, Trainer, TrainResult
+from .train.data import (LM_FORMATS, Collator, DataError, detect_format, encode, label_names, load_source,
+                         render_instruction)
+from .train.job import detect_task, load_base, resolve_model_path
+from .train.trainer import TrainConfig, TrainResult, Trainer
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -608,12 +613,8 @@ def _cores() -> int:
 def load_rows(data: str, seed: int, eval_size: int, train_size: int | None) -> tuple[list[dict], list[dict]]:
     """(train, held-out) rows of {"text", "label"} with integer labels; the split is seeded."""
     if data == "movie_reviews":
-        from .assets import movie_reviews
-
         rows = [dict(r) if isinstance(r, dict) else {"text": r[0], "label": r[1]} for r in movie_reviews()]
     else:
-        from .train.data import LM_FORMATS, DataError, detect_format, label_names, load_source
-
         records = load_source(data)
         fmt = detect_format(records)
         if fmt in LM_FORMATS:  # the task does not match the data: say so before anything trains
@@ -639,8 +640,6 @@ def load_rows(data: str, seed: int, eval_size: int, train_size: int | None) -> t
 def load_lm_rows(data: str, seed: int, eval_size: int, train_size: int | None) -> tuple[list, list, str]:
     """(train, held-out, format) rows for the causal-LM task: chat, instruction or text rows, as ``lorakit train``
     reads them (``lorakit.train.data``); the split is seeded."""
-    from .train.data import LM_FORMATS, DataError, detect_format, load_source
-
     records = load_source(data)
     fmt = detect_format(records)
     if fmt not in LM_FORMATS:
@@ -657,15 +656,11 @@ def load_lm_rows(data: str, seed: int, eval_size: int, train_size: int | None) -
 
 def resolve_model(model: str) -> str:
     """A local transformers folder, or an embedded default ("minilm", "smollm2") fetched by lorakit.assets."""
-    from .train.job import resolve_model_path
-
     return resolve_model_path(model)
 
 
 def check_task(cfg: CompareConfig) -> None:
     """One clear error, before training, if the model or the data does not fit the task."""
-    from .train.job import detect_task
-
     path = resolve_model(cfg.model)
     is_lm = detect_task(path) == "lm"
     wants_lm = cfg.spec.trainer_task == "lm"
@@ -719,8 +714,6 @@ def availability(name: str) -> str | None:
     try:
         adapter = contender.adapter_fields(100)
         if adapter is not None:
-            from .methods import get_method  # the registry's lazy table loads the method's module
-
             get_method(adapter["method"])
         for module in contender.needs:
             __import__(module)
@@ -871,15 +864,10 @@ def _load(name: str, cfg: CompareConfig, workdir: str, seed: int, steps: int, lr
                             schedule="linear", seed=seed, log_every=max(1, steps // 20), group_by_length=True,
                             output_dir=os.path.join(workdir, "run"), progress=False, **train_cfg_extra)
     if cfg.spec.trainer_task == "lm":
-        from .train.data import Collator, encode
-        from .train.job import load_base
-
         model, tokenizer = load_base(path, "lm")
         if train_rows is None:
             train_rows, eval_rows, fmt = load_lm_rows(cfg.data, cfg.seed, cfg.eval_size, cfg.train_size)
         else:
-            from .train.data import detect_format
-
             fmt = detect_format(train_rows)
         train_set = encode(train_rows, tokenizer, fmt, max_length=cfg.max_length)
         eval_set = encode(eval_rows, tokenizer, fmt, max_length=cfg.max_length)
@@ -1045,8 +1033,6 @@ def _prompt_and_reference(row: dict, fmt: str, tokenizer) -> tuple[str, str, str
         prompt = tokenizer.apply_chat_template(messages[:last], add_generation_prompt=True, tokenize=False)
         return prompt, shown, messages[last]["content"]
     if fmt == "instruction":
-        from .train.data import render_instruction
-
         prompt, response = render_instruction(row)
         return prompt, row["instruction"], response
     words = row["text"].split()

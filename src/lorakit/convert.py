@@ -38,7 +38,8 @@ from torch import nn
 from .lowrank import LayerFit, LowRank, check_rank_energy, factorize, factorize_product
 from .methods import get_method
 from .methods.lora import LoraAdapter
-from .model import adapted_layers, check_adapter_name, registry, saved_copy
+from .model import check_adapter_name, registry, saved_copy
+from .registry import AdapterEntry, adapter_entries
 
 __all__ = ["LayerConversion", "ToLoraReport", "describe_conversion", "layer_factorization", "member_delta", "to_lora",
            "uniform_lora_factors"]
@@ -114,8 +115,8 @@ def member_delta(layer: Any, adapter: Any) -> torch.Tensor:
     return delta
 
 
-def _entries(model: nn.Module, name: str) -> list[tuple[str, Any, Any]]:
-    return [(path, layer, layer.adapters[name]) for path, layer in adapted_layers(model) if name in layer.adapters]
+def _entries(model: nn.Module, name: str) -> list[AdapterEntry]:
+    return adapter_entries(model, name)
 
 
 def _check_source(model: nn.Module, name: str, what: str) -> list[tuple[str, Any, Any]]:

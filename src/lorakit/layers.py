@@ -8,13 +8,13 @@ layer type, and no layer code branches on the method.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant.linear4bit import Linear4bit
+from .quant.linear4bit import Linear4bit, is_conv1d  # the one Conv1D rule (re-exported: lorakit.layers.is_conv1d)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .methods.base import Adapter
@@ -257,16 +257,6 @@ class Linear4bitOps(LayerOps):
         return self.base.to_linear()
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """True for transformers' GPT-2 ``Conv1D`` (recognised by shape, so transformers need not be imported).
-
-    Example:
-        >>> is_conv1d(nn.Linear(2, 2))
-        False
-    """
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
-
-
 _NORM_TYPES: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.BatchNorm1d, nn.BatchNorm2d,
                                  nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
                                  nn.InstanceNorm3d) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
@@ -324,6 +314,21 @@ def is_adaptable(module: nn.Module) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # The adapted layer
 # ---------------------------------------------------------------------------------------------------------------
+class TiedPartner(NamedTuple):
+    """Another module registering a layer's weight Parameter (tied embeddings): ``module.<attr>`` at ``path``."""
+
+    module: nn.Module
+    attr: str
+    path: str
+
+
+class Untied(NamedTuple):
+    """While merge has given a layer its own copy of a tied weight: the shared Parameter and who else holds it."""
+
+    original: nn.Parameter
+    partners: tuple[TiedPartner, ...]
+
+
 class AdaptedLayer(nn.Module):
     """A base layer plus named adapters. Created by :func:`lorakit.attach`; users rarely build one by hand.
 
@@ -346,11 +351,11 @@ class AdaptedLayer(nn.Module):
         # the base weight as it was before the first merged adapter, in its own dtype and layout: unmerge restores
         # it bit-exactly (a buffer, so it follows .to(); not persistent, so it is never saved)
         self.register_buffer("merge_stash", None, persistent=False)
-        # other modules registering this layer's weight Parameter (tied embeddings), as (module, attr, path);
-        # set by lorakit.attach/merge. Tuples, so nothing here becomes a submodule or parameter.
-        self._tied: tuple = ()
-        # while merge has given this layer its own copy of a tied weight: (original Parameter, partners)
-        self._untied: tuple = ()
+        # other modules registering this layer's weight Parameter (tied embeddings); set by lorakit.attach/merge.
+        # Tuples, so nothing here becomes a submodule or parameter.
+        self.tied_partners: tuple[TiedPartner, ...] = ()
+        # while merge has given this layer its own copy of a tied weight
+        self.untied: Untied | None = None
 
     # -- attribute pass-through so code reading e.g. `layer.weight.dtype` keeps working -------------------------
     def __getattr__(self, name: str):
@@ -382,7 +387,7 @@ class AdaptedLayer(nn.Module):
         adapter = self.adapters[name]
         shift = adapter.base_shift()
         if shift is not None:
-            self._apply_weight(lambda w: w - shift)
+            self.change_base_weight(lambda w: w - shift)
         del self.adapters[name]
         self.active = [n for n in self.active if n != name]
         self.refresh()
@@ -391,7 +396,11 @@ class AdaptedLayer(nn.Module):
         self.active = [n for n in names if n in self.adapters]
         self.refresh()
 
-    def _apply_weight(self, fn) -> None:
+    def set_route(self, state: "RouteState | None") -> None:
+        """Route each batch row through its own adapter while ``state`` is set (:func:`lorakit.route`)."""
+        self._route = state
+
+    def change_base_weight(self, fn) -> None:
         """Apply ``fn`` (an acc-dtype ``[out, in]`` matrix -> matrix) to the *un-merged* base weight (base shifts:
         PiSSA's residual, Delta-LoRA, restore). Merged adapters are folded back on top afterwards, so the merge stash
         always holds the true base and unmerge stays exact."""
@@ -464,30 +473,32 @@ class AdaptedLayer(nn.Module):
         weight = None if self.ops.quantized else self.base._parameters.get("weight")
         if weight is None:
             return ()
-        candidates = self._tied + (self._untied[1] if self._untied else ())
-        partners, seen = [], set()
-        for module, attr, path in candidates:
-            if module._parameters.get(attr) is weight and (id(module), attr) not in seen:
-                seen.add((id(module), attr))
-                partners.append((module, attr, path))
+        candidates = self.tied_partners + (self.untied.partners if self.untied is not None else ())
+        partners: list[TiedPartner] = []
+        seen: set[tuple[int, str]] = set()
+        for partner in candidates:
+            key = (id(partner.module), partner.attr)
+            if partner.module._parameters.get(partner.attr) is weight and key not in seen:
+                seen.add(key)
+                partners.append(partner)
         if not partners:
             return ()
         self.base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
-        self._untied = (weight, tuple(partners))
-        return tuple(p for _, _, p in partners)
+        self.untied = Untied(weight, tuple(partners))
+        return tuple(partner.path for partner in partners)
 
     def _retie(self) -> None:
         """After a full unmerge: share the original Parameter again if every partner still holds it unchanged
         (else the layer keeps its own, equal-valued copy: outputs are exact either way)."""
-        if not self._untied:
+        if self.untied is None:
             return
-        original, partners = self._untied
+        original, partners = self.untied
         weight = self.base.weight
-        if (all(m._parameters.get(a) is original for m, a, _ in partners) and original.shape == weight.shape
+        if (all(p.module._parameters.get(p.attr) is original for p in partners) and original.shape == weight.shape
                 and original.dtype == weight.dtype and original.device == weight.device
                 and torch.equal(original.detach(), weight.detach())):
             self.base.weight = original
-            self._untied = ()
+            self.untied = None
 
     def _restore_stash(self) -> None:
         """Copy the pre-merge weight back (bit-exact) and mark every adapter un-merged."""
@@ -660,6 +671,10 @@ class ModuleCopies(nn.Module):
         self.disabled = False
         self._route: "RouteState | None" = None
         self.path = ""  # where it sits in the model, for error messages
+
+    def set_route(self, state: "RouteState | None") -> None:
+        """Run each batch row through its own adapter's copy while ``state`` is set (:func:`lorakit.route`)."""
+        self._route = state
 
     def __getattr__(self, name: str):
         try:

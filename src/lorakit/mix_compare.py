@@ -35,9 +35,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .assets import chatterbot_topics, vader_sentiment
 from .compare import resolve_model
 from .config import AdapterConfig
 from .io import atomic_write_text
+from .mixing import mix_report
 from .model import attach, combine, delete, merge, set_active, set_trainable, unmerge
 from .train.trainer import TrainConfig, Trainer
 
@@ -45,15 +47,11 @@ __all__ = ["MixCompareConfig", "TASK_LOADERS", "mix_compare", "write_mix_report"
 
 
 def _topics() -> list[dict]:
-    from .assets import chatterbot_topics
-
     return chatterbot_topics()
 
 
 def _vader(domain: str) -> Callable[[], list[dict]]:
     def load() -> list[dict]:
-        from .assets import vader_sentiment
-
         return vader_sentiment(domain)
     return load
 
@@ -237,7 +235,6 @@ class _Bench:
             opts["seed"] = self.cfg.seed
         t0 = time.perf_counter()
         combine(self.model, weights, name=name, how=how, **opts)
-        from .mixing import mix_report
 
         report = mix_report(self.model, name)
         mix_seconds = time.perf_counter() - t0

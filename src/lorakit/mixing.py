@@ -54,6 +54,7 @@ from torch import nn
 
 from .lowrank import LayerFit, check_rank_energy, factorize
 from .methods import GENERIC_MIXING_METHOD, get_method
+from .registry import adapted_layers
 
 if TYPE_CHECKING:  # pragma: no cover
     from .layers import AdaptedLayer
@@ -273,8 +274,6 @@ def mix_report(model: nn.Module, name: str) -> MixReport:
         >>> lorakit.mix_report(net, "m").layers["0"].rank  # doctest: +SKIP
         1
     """
-    from .registry import adapted_layers
-
     entry = _REPORTS.get(model, {}).get(name)
     current = {id(layer.adapters[name]) for _, layer in adapted_layers(model) if name in layer.adapters}
     if entry is None or not current or {id(r()) for r in entry[1]} != current:

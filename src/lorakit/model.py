@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig, name_matches
-from .layers import AdaptedLayer, ModuleCopies, RouteState, UnsupportedLayer, is_adaptable, ops_for
+from .layers import AdaptedLayer, ModuleCopies, RouteState, TiedPartner, UnsupportedLayer, is_adaptable, ops_for
 from .methods import combine_adapters, get_method
 from .methods.base import Adapter, layer_generator
 from .mixing import TASK_VECTOR_RULES, MixReport, check_mix_options, mix_layer, record_report
@@ -172,10 +172,10 @@ def check_adapter_name(name: Any) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # tied weights (one Parameter registered by several modules, e.g. input and output embeddings)
 # ---------------------------------------------------------------------------------------------------------------
-def _weight_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
+def _weight_owners(model: nn.Module) -> dict[int, list[TiedPartner]]:
     """``id(Parameter)`` -> every ``(module, attribute, path)`` registering it; paths as the user knows them (an
     adapted layer's base is named by the layer's path)."""
-    owners: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    owners: dict[int, list[TiedPartner]] = {}
     seen: set[tuple[int, str]] = set()
     wrapped = {id(m.base): p for p, m in model.named_modules() if isinstance(m, AdaptedLayer)}
     for path, module in model.named_modules(remove_duplicate=False):
@@ -183,16 +183,16 @@ def _weight_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str
             if param is None or (id(module), attr) in seen:
                 continue
             seen.add((id(module), attr))
-            owners.setdefault(id(param), []).append((module, attr, wrapped.get(id(module), path)))
+            owners.setdefault(id(param), []).append(TiedPartner(module, attr, wrapped.get(id(module), path)))
     return owners
 
 
-def _tied_partners(owners: dict[int, list[tuple[nn.Module, str, str]]], base: nn.Module) -> tuple:
-    """Other modules sharing ``base``'s weight Parameter, as ``(module, attribute, path)``."""
+def _tied_partners(owners: dict[int, list[TiedPartner]], base: nn.Module) -> tuple[TiedPartner, ...]:
+    """Other modules sharing ``base``'s weight Parameter."""
     weight = base._parameters.get("weight") if isinstance(getattr(base, "_parameters", None), dict) else None
     if weight is None:
         return ()
-    return tuple(o for o in owners.get(id(weight), []) if o[0] is not base)
+    return tuple(o for o in owners.get(id(weight), []) if o.module is not base)
 
 
 def _refresh_ties(model: nn.Module) -> None:
@@ -200,7 +200,7 @@ def _refresh_ties(model: nn.Module) -> None:
     owners = _weight_owners(model)
     for _, layer in adapted_layers(model):
         if not layer.merged:
-            layer._tied = _tied_partners(owners, layer.base)
+            layer.tied_partners = _tied_partners(owners, layer.base)
 
 
 def _sync_tie_settings(model: nn.Module, reg: AdapterRegistry, layers: Sequence[tuple[str, AdaptedLayer]]) -> None:
@@ -208,12 +208,12 @@ def _sync_tie_settings(model: nn.Module, reg: AdapterRegistry, layers: Sequence[
     tied (merge untied it), ``config.tie_word_embeddings`` is False and the tied-keys map skips those weights, so
     ``save_pretrained``/``from_pretrained``/``tie_weights`` keep them apart; once all are re-tied, restore them.
     ``layers``: ``(path, layer)`` of every adapted layer, including ones just unwrapped by delete."""
-    untied = [(path, layer) for path, layer in layers if layer._untied]
+    untied = [(path, layer) for path, layer in layers if layer.untied is not None]
     if untied and not reg.tie_settings:
         names = set()
         for path, layer in untied:
             names.add(path + ".weight")
-            names.update(p + ".weight" for _, _, p in layer._untied[1])
+            names.update(partner.path + ".weight" for partner in layer.untied.partners)
         seen: set[int] = set()
         for prefix, module in model.named_modules():
             config = getattr(module, "config", None)
@@ -238,8 +238,8 @@ def _sync_tie_settings(model: nn.Module, reg: AdapterRegistry, layers: Sequence[
         reg.tie_settings = []
 
 
-def _check_tied(path: str, partners: tuple, config: AdapterConfig, adapter: Adapter, init_result: Any,
-                layer: nn.Module) -> None:
+def _check_tied(path: str, partners: tuple[TiedPartner, ...], config: AdapterConfig, adapter: Adapter,
+                init_result: Any, layer: nn.Module) -> None:
     """Refuse an adapter that changes the base weight (PiSSA, LoftQ, Delta-LoRA) on a tied or merged layer."""
     # a base the adapter requires (LoftQ: an NF4 one) is a base it replaced when it was fitted
     changes_base = (bool(adapter.shifts_base) or init_result is not None
@@ -248,7 +248,7 @@ def _check_tied(path: str, partners: tuple, config: AdapterConfig, adapter: Adap
         return
     what = f"method={config.method!r} with init={config.init!r}"
     if partners:
-        names = ", ".join(sorted({p for _, _, p in partners}))
+        names = ", ".join(sorted({partner.path for partner in partners}))
         raise ValueError(
             f"{path}: its weight is tied (shared) with {names}, and {what} changes the base weight, which would "
             f"change {names} too. Fix: exclude {path!r} from the adapter (exclude=[{path!r}] or leave it out of "
@@ -294,7 +294,7 @@ class AttachPlan:
     entries: list[PlanEntry] = field(default_factory=list)
     copies: list[SavedCopyPlan] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
-    tied: dict[str, tuple] = field(default_factory=dict)  # layer path -> modules sharing its weight
+    tied: dict[str, tuple[TiedPartner, ...]] = field(default_factory=dict)  # layer path -> modules sharing its weight
 
 
 def _parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -409,14 +409,14 @@ def commit_plan(model: nn.Module, plan: AttachPlan, make_active: bool = True, tr
             parent, child = _parent_of(model, path)
             setattr(parent, child, layer)
         if not layer.merged:
-            layer._tied = plan.tied.get(path, ())
+            layer.tied_partners = plan.tied.get(path, ())
         if isinstance(result, nn.Module):  # init produced a new base module (e.g. LoftQ's quantised base)
             layer.base = result
             layer.ops = ops_for(result)
             for other in layer.adapters.values():
                 other.on_base_changed()
         elif isinstance(result, torch.Tensor):
-            layer._apply_weight(lambda w, new=result: new)
+            layer.change_base_weight(lambda w, new=result: new)
         layer.add(plan.name, adapter)
     for path, wrapper, is_new, own in plan.copies:
         if is_new:
@@ -736,12 +736,12 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     state = RouteState(names)
     wrappers = [wrapper for _, wrapper in saved_modules(model)]
     for module in layers + wrappers:
-        module._route = state
+        module.set_route(state)
     try:
         yield model
     finally:
         for module in layers + wrappers:
-            module._route = None
+            module.set_route(None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from .methods import get_method
 from .model import unload
 from .registry import adapted_layers, registry_or_none, saved_modules
 from .io.peft import PEFT_CONFIG, PEFT_WEIGHTS, PREFIX
-from .methods.peft_lora import peft_loftq_settings
+from .methods.peft_lora import lora_peft_init
 from .quant.linear4bit import COMPUTE_DTYPES, Linear4bit, dtype_name
 from .quant.nf4 import check_blocksize
 
@@ -116,7 +116,8 @@ def quantize(model: nn.Module, bits: int = 4, double_quant: bool = True, compute
       matching a whole path; a container (e.g. a classification head module) skips every layer inside it. Each
       entry must be a valid regex and match at least one module (else ValueError, with close names). Default
       (None): ``lm_head``, where the model has one, as QLoRA does;
-    * norms (LayerNorm, RMSNorm, any module whose class name contains "norm") are cast to fp32, as QLoRA does;
+    * norms (:func:`lorakit.layers.is_norm`: torch's norm layers and any module whose class name ends in "Norm") are
+      cast to fp32, as QLoRA does;
       every other module keeps its dtype (load the model in bf16 first to reproduce QLoRA's setup exactly);
     * layers already wrapped by lorakit adapters are quantised underneath their adapters (QPiSSA: attach
       ``init="pissa"`` first, then quantise, so the residual is what gets quantised);
@@ -505,14 +506,15 @@ def _required_base(entry: dict[str, Any]) -> dict[str, Any] | None:
 def _peft_loftq_entries(folder: Path) -> list[dict[str, Any]]:
     """A PEFT LoftQ folder as :func:`quantize_for_adapter` entries (layers read from the tensor names)."""
     cfg = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
-    settings = peft_loftq_settings(cfg, folder) if isinstance(cfg, dict) else None
-    if settings is None:
+    # LoRA's reading of PEFT's init settings: a LoftQ folder sets init="loftq" (and loftq_iter), so its entry
+    # requires the NF4 base (base_requirements); any other folder needs no quantised base
+    fields = lora_peft_init(cfg, folder) if isinstance(cfg, dict) else {}
+    if not fields:
         return []
     with safe_open(str(folder / PEFT_WEIGHTS), "pt") as fh:
         keys = list(fh.keys())
     layers = sorted({k[len(PREFIX):].rsplit(".lora_A", 1)[0] for k in keys if ".lora_A" in k and k.startswith(PREFIX)})
-    # PEFT's LoftQ is LoRA's init="loftq" (as lorakit.load_peft reads it)
-    return [{"config": {"init": "loftq", "loftq_iter": settings["loftq_iter"]}, "layers": layers}]
+    return [{"config": fields, "layers": layers}]
 
 
 __all__ = ["quantize", "save_quantized", "load_quantized", "requantize", "quantize_for_adapter", "DEFAULT_SKIP",

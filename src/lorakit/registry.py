@@ -13,12 +13,15 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 from torch import nn
 
 from .config import AdapterConfig
 from .layers import AdaptedLayer, ModuleCopies
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .methods.base import Adapter
 
 #: the attribute of the model's ``__dict__`` that holds its registry
 REGISTRY_ATTR = "_lorakit_registry"
@@ -35,7 +38,10 @@ class AdapterRegistry:
         self.modules_to_save: dict[str, list[str]] = {}  # adapter name -> paths of the modules it trains whole
         self.active: list[str] = []
         self.shared: dict[str, nn.Module] = {}  # adapter name -> shared state (VeRA pair, LoRA-drop shared pairs)
-        self.extra: dict[str, dict[str, Any]] = {}  # per-adapter method bookkeeping (reports, schedules)
+        # adapter name -> what attach and the method recorded about it, saved with it as "extra" in
+        # lorakit_config.json: "base" (the 4-bit base it was fitted to, from base_requirements) and the method's own
+        # reports under keys its file defines (final ranks, gate schedules, selected layers)
+        self.extra: dict[str, dict[str, Any]] = {}
         # (object, attribute, old value) changed when merge untied a tied weight (transformers' tie settings)
         self.tie_settings: list[tuple[Any, str, Any]] = []
 
@@ -79,6 +85,26 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
     for path, module in model.named_modules():
         if isinstance(module, AdaptedLayer):
             yield path, module
+
+
+class AdapterEntry(NamedTuple):
+    """One layer of one adapter: the path of the adapted module, its :class:`~lorakit.layers.AdaptedLayer` and the
+    adapter (strategy) on it. What the per-adapter strategy classmethods receive as ``entries``."""
+
+    path: str
+    layer: AdaptedLayer
+    adapter: "Adapter"
+
+
+def adapter_entries(model: nn.Module, name: str) -> list[AdapterEntry]:
+    """Every layer of adapter ``name``, in module order.
+
+    Example:
+        >>> adapter_entries(nn.Linear(2, 2), "default")
+        []
+    """
+    return [AdapterEntry(path, layer, layer.adapters[name]) for path, layer in adapted_layers(model)
+            if name in layer.adapters]
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModuleCopies]]:

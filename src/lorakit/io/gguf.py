@@ -43,8 +43,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .. import assets
 from ..convert import uniform_lora_factors
-from ..registry import adapted_layers
+from ..model import unload
+from ..registry import adapted_layers, registry_or_none
 from .files import atomic_folder
 
 ADAPTER_FILE = "adapter.gguf"
@@ -310,8 +312,6 @@ def _source_gguf(model: nn.Module, given: str | os.PathLike | None) -> Path:
     folder = _get(_model_config(model), "name_or_path", None) or _get(_model_config(model), "_name_or_path", None)
     marker = Path(folder) / "lorakit_asset.json" if folder else None
     if marker is not None and marker.is_file():
-        from .. import assets
-
         source = json.loads(marker.read_text()).get("gguf")
         if source == assets.SMOLLM2_GGUF:
             return Path(assets.smollm2_gguf_path())
@@ -381,9 +381,6 @@ def modelfile_text(chat_template: str | None, context_length: int = 0, model_fil
 def _merged_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
     """The plain weights of ``model`` with its active adapters merged, computed on a copy (the model is unchanged);
     and whether the output head is still tied to the token embeddings."""
-    from ..model import unload
-    from ..registry import registry_or_none
-
     plain = copy.deepcopy(model)
     if registry_or_none(plain) is not None:
         unload(plain, merge=True)

@@ -20,9 +20,8 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig
-from ..layers import AdaptedLayer
 from ..methods import Adapter, get_method
-from ..registry import adapted_layers, registry, saved_copy
+from ..registry import AdapterEntry, adapter_entries, registry, saved_copy
 from .api import read_adapters
 from .files import AdapterLoadError
 from .loader import build_loaded
@@ -38,8 +37,8 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(module.named_parameters()), **{k: v for k, v in module.named_buffers() if v is not None}}
 
 
-def _layers_of(model: nn.Module, name: str) -> list[tuple[str, AdaptedLayer, Adapter]]:
-    return [(path, layer, layer.adapters[name]) for path, layer in adapted_layers(model) if name in layer.adapters]
+def _layers_of(model: nn.Module, name: str) -> list[AdapterEntry]:
+    return adapter_entries(model, name)
 
 
 def prepare_hotswap(model: nn.Module, max_rank: int, names: str | Sequence[str] | None = None) -> nn.Module:

@@ -33,7 +33,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..methods import get_method
 from ..model import check_adapter_name
-from ..registry import adapted_layers, registry, saved_copy
+from ..registry import adapted_layers, adapter_entries, registry, saved_copy
 from .files import (SEP, AdapterLoadError, atomic_folder, check_save_target, full_tensor, read_safetensors,
                     write_new_file)
 from .loader import AdapterToLoad, check_dtype, choose_adapters, few_keys, install_adapters
@@ -83,10 +83,12 @@ def save_lorakit(model: nn.Module, path: str | os.PathLike, names: Sequence[str]
     reg = registry(model)
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"format": "lorakit", "version": FORMAT_VERSION, "adapters": {}}
+    # everything is gathered into memory first (cpu copies, FSDP shards made whole), so the write below cannot see
+    # a tensor change halfway and a failure before it leaves no file behind
     for name in names:
         config = reg.configs[name]
         state = adapter_state(model, name)
-        if convert_pissa:
+        if convert_pissa:  # the strategy's plain-LoRA form for the original base (PiSSA), if it has one
             config, state = _as_plain_lora(model, name, config, state)
         for key, t in state.items():
             tensors[key] = full_tensor(t).detach().to("cpu").contiguous().clone()
@@ -94,7 +96,7 @@ def save_lorakit(model: nn.Module, path: str | os.PathLike, names: Sequence[str]
             "config": config.to_dict(),
             "layers": reg.layers[name],
             "modules_to_save": reg.modules_to_save.get(name, []),
-            "extra": reg.extra.get(name, {}),
+            "extra": reg.extra.get(name, {}),  # what the method recorded (the base it needs, reports)
         }
 
     # one id in both files: a folder whose weights and config come from different saves is refused on load
@@ -116,7 +118,7 @@ def _as_plain_lora(model: nn.Module, name: str, config: AdapterConfig, state: di
                    ) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """Adapter ``name``'s config and tensors as the plain LoRA its strategy converts it to (PiSSA's rank-2r form);
     unchanged when the strategy has no other form."""
-    entries = [(path, layer, layer.adapters[name]) for path, layer in adapted_layers(model) if name in layer.adapters]
+    entries = adapter_entries(model, name)
     plain = get_method(config.method).as_plain_lora(config, entries)
     if plain is None:
         return config, state
@@ -266,6 +268,7 @@ def restore(model: nn.Module, path: str | os.PathLike) -> None:
     from the current value to the saved one. Adapters merged into the base weights are refused (ValueError): new
     values under a merged delta would make ``unmerge`` subtract the wrong delta and corrupt the base.
     """
+    # every check runs before the first value is copied: a folder that does not fit leaves the adapters as they were
     meta, tensors = read_folder(path)
     reg = registry(model)
     merged = sorted({n for _, layer in adapted_layers(model) for n in layer.merged if n in meta["adapters"]})
@@ -286,6 +289,7 @@ def restore(model: nn.Module, path: str | os.PathLike) -> None:
             raise AdapterLoadError(f"{path}: shapes differ for {few_keys(bad)}")
         for k in current:
             check_dtype(current[k], saved[k], f"{Path(path) / WEIGHTS_FILE}: tensor {k!r}")
+    # then the copy: layer tensors, shared state, the adapter's own module copies, its method records
     for name, entry in meta["adapters"].items():
         for path_, layer in adapted_layers(model):
             if name not in layer.adapters:
@@ -295,10 +299,12 @@ def restore(model: nn.Module, path: str | os.PathLike) -> None:
             prefix = SEP.join((name, "layer", path_, ""))
             adapter.import_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             after = adapter.base_shift()
+            # a shift lives in the base weight itself: take the current one out and put the saved one in, so the
+            # base ends as W0 + saved shift
             if before is not None or after is not None:
                 b = 0 if before is None else before
                 a = 0 if after is None else after.to(layer.ops.device())
-                layer._apply_weight(lambda w, a=a, b=b: w - b + a)
+                layer.change_base_weight(lambda w, a=a, b=b: w - b + a)
         if name in reg.shared:
             prefix = SEP.join((name, "shared", "", ""))
             reg.shared[name].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})

@@ -41,9 +41,10 @@ from torch import nn
 from ..config import AdapterConfig
 from ..layers import AdaptedLayer, UnsupportedLayer, ops_for
 from ..methods import Adapter, available_methods, get_method
-from ..methods.lora import check_loftq_base
-from ..methods.peft_lora import PEFT_MODEL_PREFIX, peft_loftq_settings, peft_number
-from ..registry import adapted_layers, registry, saved_copy
+from ..methods.peft_lora import PEFT_MODEL_PREFIX
+# LoRA's PEFT init rules, kept importable here under their 0.1.0 names (lorakit.peft_format re-exports them)
+from ..methods.peft_lora import PEFT_UNSUPPORTED_INITS, peft_loftq_settings  # noqa: F401
+from ..registry import AdapterEntry, adapter_entries, registry, saved_copy
 from .files import SEP, AdapterLoadError, atomic_folder, check_save_target, read_safetensors
 from .loader import AdapterToLoad, choose_adapters, install_adapters
 from .lorakit_format import CONFIG_FILE
@@ -68,15 +69,6 @@ PEFT_LORA_FEATURES = {
     "kasa_config": "KaSA",
 }
 UNSUPPORTED_LORA_OPTIONS = tuple(PEFT_LORA_FEATURES)
-#: ``init_lora_weights`` values lorakit cannot load, with the reason
-PEFT_UNSUPPORTED_INITS = {
-    "pissa": "PiSSA changes the base weights it was trained on",
-    "olora": "OLoRA changes the base weights it was trained on",
-    "corda": "CorDA changes the base weights it was trained on",
-    "lora_ga": "LoRA-GA changes the base weights it was trained on",
-    "eva": "EVA (data-driven initialisation) is not supported by lorakit's PEFT reader",
-    "mica": "MiCA is a LoRA variant with its own forward",
-}
 #: PEFT's task types (TaskType) and the transformers class-name endings that imply them
 PEFT_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 _TASK_BY_CLASS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
@@ -154,21 +146,10 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
     if cfg.get("bias", "none") != "none":
         raise PeftFormatError(f"{folder}: bias={cfg['bias']!r} (trained biases) is not supported; only "
                               f"bias='none' adapters load")
-    loftq = None
-    if peft_type == "LORA":
-        init = cfg.get("init_lora_weights", True)
-        if isinstance(init, str):
-            key = "pissa" if init.startswith("pissa") else init
-            if key in PEFT_UNSUPPORTED_INITS:
-                hint = (" Convert it to plain LoRA first (PEFT: save_pretrained(..., "
-                        "path_initial_model_for_weight_conversion=...))" if "base weights" in
-                        PEFT_UNSUPPORTED_INITS[key] else "")
-                raise PeftFormatError(f"{folder}: init_lora_weights={init!r}: {PEFT_UNSUPPORTED_INITS[key]}; lorakit "
-                                      f"does not support loading it.{hint}")
-        try:
-            loftq = peft_loftq_settings(cfg, folder)
-        except ValueError as err:
-            raise PeftFormatError(str(err)) from None
+    try:  # the method's own reading of PEFT's init settings (LoRA: PiSSA & co. refused, LoftQ read)
+        init_fields = strategy.peft_init(cfg, folder)
+    except ValueError as err:
+        raise PeftFormatError(str(err)) from None
 
     layers: dict[str, dict[str, torch.Tensor]] = {}
     leftovers: dict[str, torch.Tensor] = {}
@@ -196,7 +177,7 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
         raise PeftFormatError(f"{folder}: the model has no module(s) {missing[:4]}; was the adapter saved for a "
                               f"different model? (pass the same architecture PEFT wrapped)")
     for path in layers:
-        _check_peft_layer(model, path, folder, loftq)
+        _check_peft_layer(model, path, folder, strategy, init_fields)
     # PEFT's default save of an adapted embedding/lm_head also writes the base weight ("<module>.base_layer.weight")
     leftovers = {k: t for k, t in leftovers.items() if not _same_base_tensor(model, k, t, layers, folder)}
 
@@ -229,8 +210,7 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
         raise PeftFormatError(f"{folder}/{PEFT_CONFIG}: dropout={dropout!r} is not a number")
     config_kwargs.update(method=strategy.method, targets=sorted(layers), modules_to_save=sorted(module_paths),
                          dropout=float(dropout))
-    if loftq is not None:
-        config_kwargs.update(init="loftq", loftq_iter=loftq["loftq_iter"])
+    config_kwargs.update(init_fields)
     try:
         config = AdapterConfig(**config_kwargs)
     except (ValueError, TypeError) as exc:
@@ -249,18 +229,18 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
     return entry, out
 
 
-def _check_peft_layer(model: nn.Module, path: str, folder: Path, loftq: dict[str, int] | None) -> None:
-    """Refuse, naming the cause, a PEFT layer lorakit cannot adapt or a LoftQ adapter's layer whose base is not
-    the 4-bit NF4 base it was fitted to (nn.MultiheadAttention is refused by the caller)."""
+def _check_peft_layer(model: nn.Module, path: str, folder: Path, strategy: type[Adapter],
+                      init_fields: dict[str, Any]) -> None:
+    """Refuse, naming the cause, a PEFT layer lorakit cannot adapt or whose base the adapter's init does not fit
+    (a LoftQ adapter needs the 4-bit NF4 base it was fitted to; nn.MultiheadAttention is refused by the caller)."""
     try:
         ops = _ops(model, path)
     except UnsupportedLayer as err:
         raise PeftFormatError(f"{folder}: PEFT adapted {path}, which lorakit cannot adapt: {err}") from None
-    if loftq is not None:
-        try:
-            check_loftq_base(ops, path, source="peft")
-        except ValueError as err:
-            raise PeftFormatError(f"{folder}: {err}") from None
+    try:
+        strategy.check_peft_layer(ops, init_fields, path)
+    except ValueError as err:
+        raise PeftFormatError(f"{folder}: {err}") from None
 
 
 def _same_base_tensor(model: nn.Module, key: str, saved: torch.Tensor, layers: dict[str, Any], folder: Path) -> bool:
@@ -485,8 +465,8 @@ def infer_task_type(model: nn.Module) -> str | None:
     return None
 
 
-def _layer_entries(model: nn.Module, name: str):
-    return [(path, layer, layer.adapters[name]) for path, layer in adapted_layers(model) if name in layer.adapters]
+def _layer_entries(model: nn.Module, name: str) -> list[AdapterEntry]:
+    return adapter_entries(model, name)
 
 
 def _module_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:

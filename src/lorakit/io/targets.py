@@ -41,7 +41,9 @@ from torch import nn
 from ..convert import ToLoraReport, describe_conversion, to_lora
 from ..lowrank import check_rank_energy
 from ..methods import get_method
-from ..model import active_adapters, adapted_layers, delete, registry, set_active, unload
+from ..methods.peft_lora import PEFT_BASE_CHANGING_INITS, peft_init_changes_base
+from ..model import active_adapters, delete, registry, set_active, unload
+from ..registry import adapter_entries
 from .api import load
 from .files import atomic_folder, check_save_target
 from .gguf import write_lora_adapter, write_merged_model
@@ -61,8 +63,9 @@ TARGETS = {
 }
 #: vLLM's allowed --max-lora-rank values (vllm/config.py, LoRAConfig.__post_init__, vLLM 0.8+)
 VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-#: PEFT init_lora_weights values whose adapter needs the base its init modified
-BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga", "eva")
+#: PEFT init_lora_weights values whose adapter needs the base its init modified (LoRA's PEFT rule, kept here under
+#: its 0.1.0 name)
+BASE_CHANGING_INITS = PEFT_BASE_CHANGING_INITS
 #: (general.type, adapter.type) of a llama.cpp GGUF LoRA adapter (llama.cpp's own adapter layout; a GGUF key's value,
 #: not a lorakit method name)
 GGUF_LORA_ADAPTER = ("adapter", "lora")
@@ -143,8 +146,7 @@ def check_export(folder: str | os.PathLike, target: str) -> list[str]:
         problems.append(f"bias={cfg.get('bias')!r}/lora_bias: {server} serves LoRA without trained biases "
                         f"(vLLM only behind --enable-lora-bias in old versions)")
     init = cfg.get("init_lora_weights")
-    base_init = isinstance(init, str) and any(init.lower().startswith(m) for m in BASE_CHANGING_INITS)
-    if base_init or cfg.get("loftq_config"):
+    if peft_init_changes_base(cfg):
         problems.append(f"init_lora_weights={init!r}{' / loftq_config' if cfg.get('loftq_config') else ''}: the "
                         f"adapter belongs to a base its init modified, but {server} loads the original base; export "
                         f"with lorakit (PiSSA becomes a plain LoRA for the original weights)")
@@ -384,7 +386,7 @@ def _writes_natively(strategy, name, config, model) -> bool:
     """True when the member's own PEFT translation accepts it (a dry run of ``to_peft``, nothing written)."""
     if strategy.peft_type is None:
         return False
-    entries = [(p, layer, layer.adapters[name]) for p, layer in adapted_layers(model) if name in layer.adapters]
+    entries = adapter_entries(model, name)
     try:
         strategy.to_peft(name, config, entries, registry(model).shared.get(name))
     except ValueError:

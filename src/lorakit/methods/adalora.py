@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..registry import adapted_layers, registry
 from .base import Adapter, placed_like, whole
 from .lora import can_fuse, fused_low_rank
 from .peft_lora import PEFT_MODEL_PREFIX, peft_number
@@ -360,7 +361,6 @@ class AdaLoraAdapter(Adapter):
                 a.prune(by_adapter[id(a)])
             if merged:
                 layer.merge([name])
-        from ..registry import registry
 
         ranks = {path: layer.adapters[name].r for path, layer, _ in entries}
         reg = registry(model)
@@ -548,8 +548,6 @@ def rank_report(model: nn.Module, name: str = "default") -> dict[str, int]:
         >>> rank_report(net)
         {'0': 4}
     """
-    from ..registry import adapted_layers, registry
-
     reg = registry(model)
     if name not in reg.configs:
         raise ValueError(f"unknown adapter {name!r}; this model has {list(reg.configs)}")

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..registry import AdapterEntry
 from .peft_lora import LORA_KEYS, lora_to_peft
 from .watch import watch_adapter
 
@@ -72,12 +73,8 @@ def placed_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(t, ref.device_mesh, ref.placements, src_data_rank=None)
 
 
-class HookEntry(NamedTuple):
-    """One layer of an adapter, as the training hooks pass it to the per-adapter classmethods (``entries``)."""
-
-    path: str
-    layer: "AdaptedLayer"
-    adapter: "Adapter"
+#: one layer of an adapter, as the training hooks pass it to the per-adapter classmethods (``entries``)
+HookEntry = AdapterEntry
 
 
 class Adapter(nn.Module):
@@ -285,6 +282,18 @@ class Adapter(nn.Module):
         """True if this strategy reads PEFT adapters of ``peft_type`` with config ``cfg`` (one registered strategy
         does for every type lorakit reads)."""
         return False
+
+    @classmethod
+    def peft_init(cls, cfg: dict[str, Any], folder: Path) -> dict[str, Any]:
+        """The AdapterConfig fields a PEFT config's init settings set (LoRA's ``init_lora_weights`` and
+        ``loftq_config``), read before any tensor; a ValueError naming the init when lorakit cannot load it.
+        Default: none (the config's init is PEFT's default)."""
+        return {}
+
+    @classmethod
+    def check_peft_layer(cls, ops: "LayerOps", init: dict[str, Any], path: str) -> None:
+        """Raise ValueError (naming the layer and the fix) if a PEFT adapter whose init set ``init`` (from
+        :meth:`peft_init`) cannot be used on this base layer (LoftQ needs its NF4 base). Default: any base fits."""
 
     @classmethod
     def from_peft(cls, cfg: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]],

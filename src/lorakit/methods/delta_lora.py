@@ -159,7 +159,7 @@ class DeltaLoraAdapter(LoraAdapter):
         dtype = ops.weight_matrix().dtype
         if layer.merged:  # other adapters are folded into W: move the un-merged base, they are folded back on top
             self.shift += diff
-            layer._apply_weight(lambda w: w + diff)
+            layer.change_base_weight(lambda w: w + diff)
             return
         # under FSDP2 the weight matrix is a DTensor: shift and diff (whole, equal on every rank) are cut to its shard
         if dtype in LOW_PRECISION:

@@ -60,13 +60,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..config import AdapterConfig
 from ..layers import UnsupportedLayer, ops_for
 from .base import Adapter
 from .lora import LoraAdapter, can_fuse
 from .peft_lora import LORA_KEYS
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..config import AdapterConfig
     from ..layers import AdaptedLayer, LayerOps
 
 #: rows at a time when a low-precision base is upcast for the norm (bounds the temporary to ~16 MB of fp32)
@@ -389,8 +389,6 @@ class DoraAdapter(LoraAdapter):
     def combine(cls, layer: "AdaptedLayer", sources: list[tuple[Adapter, float]], how: str,
                 rank: int | None = None) -> "DoraAdapter":
         """A DoRA adapter computing ``W + Σ w_i ΔW_i`` (exact for ``cat``; see the module docstring)."""
-        from ..config import AdapterConfig
-
         path = sources[0][0].path
         if how == "linear":
             raise ValueError("combine(how='linear') is not defined for DoRA adapters (averaging factors ignores the "

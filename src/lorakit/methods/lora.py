@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..config import AdapterConfig
 from ..quant.linear4bit import COMPUTE_DTYPES, Linear4bit
 from ..quant.loftq import loftq_decompose
 from .base import Adapter, kaiming_uniform
-from .peft_lora import lora_from_peft, lora_to_peft
+from .peft_lora import lora_from_peft, lora_peft_init, lora_to_peft
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..config import AdapterConfig
     from ..layers import AdaptedLayer, LayerOps
 
 PISSA_INITS = ("pissa", "pissa_fast")
@@ -298,8 +298,6 @@ class LoraAdapter(Adapter):
     def from_factors(cls, ops: "LayerOps", path: str, a: torch.Tensor, b: torch.Tensor,
                      scaling: float) -> "LoraAdapter":
         """A plain LoRA adapter holding given factors (``ΔW = scaling·B A``)."""
-        from ..config import AdapterConfig
-
         r = a.shape[0]
         adapter = cls(ops, AdapterConfig(method="lora", r=r, alpha=float(scaling * r)), path)
         adapter._set(a, b)
@@ -400,6 +398,15 @@ class LoraAdapter(Adapter):
     def reads_peft(cls, peft_type: str, cfg: dict[str, Any]) -> bool:
         # PEFT's plain LORA comes back as plain LoRA (not as a subclass written as LORA, like LoRA-FA)
         return cls is LoraAdapter and peft_type == "LORA" and not cfg.get("use_dora")
+
+    @classmethod
+    def peft_init(cls, cfg: dict[str, Any], folder: Path) -> dict[str, Any]:
+        return lora_peft_init(cfg, folder)  # PiSSA & co. refused; LoftQ read as init="loftq"
+
+    @classmethod
+    def check_peft_layer(cls, ops: "LayerOps", init: dict[str, Any], path: str) -> None:
+        if init.get("init") == "loftq":
+            check_loftq_base(ops, path, source="peft")
 
     @classmethod
     def from_peft(cls, cfg: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]],

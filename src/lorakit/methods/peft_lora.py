@@ -181,6 +181,56 @@ def lora_from_peft(cfg: dict[str, Any], layers: dict[str, dict[str, torch.Tensor
     return kwargs, out
 
 
+#: PEFT LoRA ``init_lora_weights`` values lorakit cannot load, with the reason
+PEFT_UNSUPPORTED_INITS = {
+    "pissa": "PiSSA changes the base weights it was trained on",
+    "olora": "OLoRA changes the base weights it was trained on",
+    "corda": "CorDA changes the base weights it was trained on",
+    "lora_ga": "LoRA-GA changes the base weights it was trained on",
+    "eva": "EVA (data-driven initialisation) is not supported by lorakit's PEFT reader",
+    "mica": "MiCA is a LoRA variant with its own forward",
+}
+#: PEFT LoRA ``init_lora_weights`` values (prefixes) whose adapter needs the base its init modified
+PEFT_BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga", "eva")
+
+
+def peft_init_changes_base(cfg: dict[str, Any]) -> bool:
+    """True if a PEFT LoRA config's init modified the base it was trained on (PiSSA, OLoRA, LoftQ, ...), so the
+    adapter is wrong on the original base.
+
+    Example:
+        >>> peft_init_changes_base({"init_lora_weights": "pissa_niter_4"}), peft_init_changes_base({})
+        (True, False)
+    """
+    init = cfg.get("init_lora_weights")
+    named = isinstance(init, str) and any(init.lower().startswith(m) for m in PEFT_BASE_CHANGING_INITS)
+    return named or bool(cfg.get("loftq_config"))
+
+
+def lora_peft_init(cfg: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The AdapterConfig fields a PEFT LoRA folder's init settings set (``init_lora_weights``, ``loftq_config``):
+    ``{}`` for PEFT's default inits, LoftQ's ``init`` and ``loftq_iter`` for a LoftQ folder; a ValueError naming
+    the init and the fix for an init lorakit cannot load (:data:`PEFT_UNSUPPORTED_INITS`).
+
+    Example:
+        >>> lora_peft_init({"init_lora_weights": True}, Path("x"))
+        {}
+        >>> lora_peft_init({"init_lora_weights": "loftq", "loftq_config": {"loftq_iter": 2}}, Path("x"))
+        {'init': 'loftq', 'loftq_iter': 2}
+    """
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str):
+        key = "pissa" if init.startswith("pissa") else init  # PEFT writes "pissa_niter_<n>" for fast PiSSA
+        if key in PEFT_UNSUPPORTED_INITS:
+            hint = (" Convert it to plain LoRA first (PEFT: save_pretrained(..., "
+                    "path_initial_model_for_weight_conversion=...))" if "base weights" in
+                    PEFT_UNSUPPORTED_INITS[key] else "")
+            raise ValueError(f"{folder}: init_lora_weights={init!r}: {PEFT_UNSUPPORTED_INITS[key]}; lorakit "
+                             f"does not support loading it.{hint}")
+    loftq = peft_loftq_settings(cfg, folder)
+    return {} if loftq is None else {"init": "loftq", "loftq_iter": loftq["loftq_iter"]}
+
+
 def peft_loftq_settings(cfg: dict[str, Any], folder: Path) -> dict[str, int] | None:
     """The LoftQ settings of a PEFT LoRA folder, or None: ``init_lora_weights: "loftq"`` (PEFT's own save) or a
     non-empty ``loftq_config`` (lorakit's export, which keeps ``init_lora_weights: true`` so PEFT loads it onto its

@@ -23,6 +23,18 @@ from .nf4 import DQ_BLOCKSIZE, NF4Tensor, check_blocksize, dequantize_blockwise_
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 ``Conv1D`` (an ``[in, out]`` weight; recognised by shape, so transformers need
+    not be imported). The one Conv1D rule: here, the lowest floor that needs it (quantising a Conv1D transposes its
+    weight); :mod:`lorakit.layers` uses and re-exports it.
+
+    Example:
+        >>> is_conv1d(nn.Linear(2, 2))
+        False
+    """
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
 class _Dequant4bitLinear(torch.autograd.Function):
     """``y = x · deq(W)ᵀ + b``; backward dequantises again rather than saving the dense weight."""
 
@@ -94,7 +106,7 @@ class Linear4bit(nn.Module):
         """Quantise an ``nn.Linear`` (or transformers ``Conv1D``, whose ``[in, out]`` weight is transposed)."""
         if isinstance(module, nn.Linear):
             weight = module.weight.detach()
-        elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        elif is_conv1d(module):
             weight = module.weight.detach().t()
         else:
             raise ValueError(f"Linear4bit.from_linear needs nn.Linear or transformers Conv1D, got "
@@ -262,4 +274,4 @@ def model_weight_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["Linear4bit", "model_weight_bytes", "dtype_name", "COMPUTE_DTYPES"]
+__all__ = ["Linear4bit", "model_weight_bytes", "dtype_name", "COMPUTE_DTYPES", "is_conv1d"]

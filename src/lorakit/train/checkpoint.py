@@ -20,8 +20,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io import atomic_folder
-from ..io import remove_stale_temporaries as remove_stale_in
+from ..io import atomic_folder, read_folder, remove_stale_temporaries as remove_stale_in
 
 TENSOR_MARK = "__tensor__"
 #: the parts every checkpoint has (written by the trainer)
@@ -118,8 +117,6 @@ def read_checkpoint(folder: Path) -> dict[str, Any]:
 
 def _read_adapter(folder: Path) -> None:
     """Read the checkpoint's adapter files completely (lorakit format or the trainer's trainable tensors)."""
-    from ..io import read_folder
-
     trainable = folder / "trainable.safetensors"
     if trainable.exists():
         load_file(str(trainable))

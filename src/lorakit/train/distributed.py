@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..model import adapted_layers
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -94,8 +96,6 @@ def check_shardable(model: nn.Module) -> None:
         >>> _ = lorakit.attach(net, lorakit.AdapterConfig(method="sora", r=2))
         >>> check_shardable(net)  # SoRA's gate step runs on shards
     """
-    from ..model import adapted_layers
-
     methods = sorted({a.method for _, layer in adapted_layers(model) for a in layer.adapters.values()
                       if not a.shardable})
     if methods:

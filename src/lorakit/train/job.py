@@ -31,6 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..assets import minilm_path, smollm2_path
+from ..config import AdapterConfig, coerce_field, is_int
+from ..io import CONFIG_FILE, WEIGHTS_FILE, AdapterLoadError, load, read_folder
+from ..model import attach, unload
+from ..quantization import quantize, quantize_for_adapter
+from . import data as data_mod
+from . import distributed as dist_utils
+from .data import FORMATS
+from .trainer import TrainConfig, Trainer
+
 RUN_FILE = "lorakit_run.json"  # written next to the adapter: which base model and task it belongs to
 TASKS = ("auto", "classification", "lm")
 #: keys whose values are paths: a number given for one in an override is the folder's name
@@ -52,10 +62,6 @@ class JobConfig:
     train: dict[str, Any] = field(default_factory=lambda: {"steps": 200, "batch_size": 16, "lr": 1e-3})
 
     def __post_init__(self) -> None:
-        from ..config import AdapterConfig, coerce_field
-        from .data import FORMATS
-        from .trainer import TrainConfig
-
         # every field type-checked first (a bool is not a number, "maybe" not a bool), then its allowed values
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -147,12 +153,8 @@ class JobConfig:
 def resolve_model_path(model: str) -> str:
     """A local folder, or an embedded default name (fetched and cached by :mod:`lorakit.assets`)."""
     if model == "minilm":
-        from ..assets import minilm_path
-
         return str(minilm_path())
     if model == "smollm2":
-        from ..assets import smollm2_path
-
         return str(smollm2_path())
     if not Path(model, "config.json").exists():
         raise FileNotFoundError(f"model {model!r} is not a transformers folder (no config.json); pass a local "
@@ -206,11 +208,6 @@ def run_job(job: JobConfig) -> dict[str, Any]:
     """Load model and data, attach the adapter, train, save ``output_dir/adapter``; returns a summary."""
     import torch
 
-    from .. import model as model_api
-    from ..config import AdapterConfig
-    from . import data as data_mod
-    from .trainer import TrainConfig, Trainer
-
     # everything that can be checked without the model is checked first: nothing is loaded or written on error
     train_cfg = TrainConfig(**{"output_dir": job.output_dir, **job.train})
     if train_cfg.resume and not Path(train_cfg.resume).is_dir():
@@ -242,14 +239,12 @@ def run_job(job: JobConfig) -> dict[str, Any]:
                                 labels=labels)
     val_set = data_mod.encode(val_rows, tokenizer, fmt, max_length=job.max_length, labels=labels) if val_rows else None
     if job.quantize:
-        from ..quantization import quantize
-
         # the trained head stays full precision; without one, quantize's default keeps lm_head (where present)
         quantize(model, compute_dtype=torch.float32, skip=tuple(head_modules(model, task)) or None)
     adapter_cfg = dict(job.adapter)
     adapter_cfg["modules_to_save"] = sorted(set(adapter_cfg.get("modules_to_save") or [])
                                             | set(head_modules(model, task)))
-    model_api.attach(model, AdapterConfig(**adapter_cfg))
+    attach(model, AdapterConfig(**adapter_cfg))
     out = Path(train_cfg.output_dir)
     trainer = Trainer(model, train_cfg, train_set, val_set, collate_fn=data_mod.Collator(tokenizer),
                       task="classification" if task == "classification" else "lm")
@@ -285,8 +280,6 @@ def _adapter_seed(job: JobConfig, train_cfg: Any) -> tuple[int, str]:
         import torch
         import torch.distributed as dist
 
-        from . import distributed as dist_utils
-
         info = dist_utils.setup()
         value = torch.tensor([seed], dtype=torch.int64, device=dist_utils.device_for(info))
         dist.broadcast(value, src=0)
@@ -297,8 +290,6 @@ def _adapter_seed(job: JobConfig, train_cfg: Any) -> tuple[int, str]:
 def _recorded_seed(resume: Path) -> int | None:
     """The adapter seed of the run that ``resume`` (a run folder or one of its ckpt-N folders) continues."""
     import yaml
-
-    from ..config import is_int
 
     # the run folder itself, or the run folder holding the checkpoint folder given
     for run_folder in (resume, resume.parent) if (resume / "state.json").exists() else (resume,):
@@ -330,15 +321,12 @@ def _run_info(adapter: str | os.PathLike, model: str | None, default_task: str |
 
 def load_adapted(adapter: str | os.PathLike, model: str | None = None, dtype: str = "float32"):
     """(model with the adapter loaded, tokenizer, run info)."""
-    from ..io import load
-
     info = _run_info(adapter, model)
     labels = info.get("labels")
     base, tokenizer = load_base(info["model"], info["task"], num_labels=len(labels) if labels else None, dtype=dtype)
     if labels:
         base.config.id2label = dict(enumerate(labels))
         base.config.label2id = {v: k for k, v in enumerate(labels)}
-    from ..quantization import quantize_for_adapter
 
     quantize_for_adapter(base, adapter)  # a LoftQ adapter only means what it was trained to on its NF4 base
     load(base, adapter)
@@ -348,8 +336,6 @@ def load_adapted(adapter: str | os.PathLike, model: str | None = None, dtype: st
 def export_merged(adapter: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
                   dtype: str = "float32") -> Path:
     """Merge ``adapter`` into its base and save a plain transformers folder (plus tokenizer) at ``out``."""
-    from ..model import unload
-
     adapted, tokenizer, _ = load_adapted(adapter, model, dtype=dtype)
     plain = unload(adapted, merge=True)
     out = Path(out)
@@ -419,8 +405,6 @@ class ChatSession:
 
 def describe_adapter(adapter: str | os.PathLike) -> str:
     """A readable summary of an adapter folder: method, ranks per layer, parameter counts and files."""
-    from ..io import CONFIG_FILE, WEIGHTS_FILE, AdapterLoadError, read_folder
-
     folder = Path(adapter)
     if (folder / "adapter_config.json").exists() and not (folder / CONFIG_FILE).exists():
         cfg = _read_json_object(folder / "adapter_config.json", "a PEFT adapter config")
@@ -477,8 +461,6 @@ def _count_safetensors(path: Path) -> int:
     """Number of values in a safetensors file, read from its header only (nothing is unpickled)."""
     from safetensors import safe_open
 
-    from ..io import AdapterLoadError
-
     try:
         with safe_open(str(path), "pt") as f:
             return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
@@ -489,8 +471,6 @@ def _count_safetensors(path: Path) -> int:
 
 def _read_json_object(path: Path, what: str, error: type[ValueError] | None = None) -> dict[str, Any]:
     """A JSON file that must hold an object; errors (AdapterLoadError unless ``error`` is given) name the file."""
-    from ..io import AdapterLoadError
-
     error = error or AdapterLoadError
     try:
         data = json.loads(path.read_bytes().decode("utf-8-sig"))
@@ -504,9 +484,6 @@ def _read_json_object(path: Path, what: str, error: type[ValueError] | None = No
 def _read_run_file(path: Path, model_given: bool = False) -> dict[str, Any]:
     """``lorakit_run.json`` (base model, task, labels, max_length), checked so a bad value names the file; its
     ``model`` is not checked when the caller was given one (``--model``)."""
-    from ..config import is_int
-    from ..io import AdapterLoadError
-
     info = _read_json_object(path, "the adapter's base model and task")
     checks = [("model", lambda v: isinstance(v, str) and v, "the base model folder (a string)"),
               ("task", lambda v: v in ("classification", "lm"), "'classification' or 'lm'"),

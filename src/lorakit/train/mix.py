@@ -18,6 +18,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..io import atomic_folder, atomic_write_text, load, save
+from ..mixing import TASK_VECTOR_RULES, check_mix_options, mix_report
+from ..model import check_adapter_name, combine
 from .job import RUN_FILE, detect_task, load_base, resolve_model_path
 
 __all__ = ["parse_weights", "mix_folders"]
@@ -70,8 +73,6 @@ def _base_info(folder: Path, model: str | None) -> dict[str, Any]:
 
 def _names(folders: Sequence[Path]) -> list[str]:
     """One adapter name per folder: its folder name (made unique), or ``adapter<i>`` when that cannot be a name."""
-    from ..model import check_adapter_name
-
     names: list[str] = []
     for i, folder in enumerate(folders):
         name = folder.resolve().name
@@ -96,10 +97,6 @@ def mix_folders(adapters: Sequence[str | os.PathLike], out: str | os.PathLike,
     :func:`lorakit.combine` refuses.
     """
     import torch
-
-    from ..io import atomic_folder, atomic_write_text, load, save
-    from ..mixing import TASK_VECTOR_RULES, check_mix_options, mix_report
-    from ..model import combine
 
     folders = [Path(a) for a in adapters]
     if len(folders) < 2:

@@ -31,6 +31,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ..config import coerce_field
+from ..io import atomic_folder, atomic_write_text, full_tensor, restore, save as save_adapters
+from ..optim import OPTIMIZERS, canonical_optimizer_name, make_optimizer
+from ..registry import adapted_layers, registry_or_none
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .hooks import regularization_loss, training_hooks
@@ -69,9 +73,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # Every field is checked against its declared type (fields added later are covered too), then its range;
         # numbers written as strings (YAML 1.1 reads 2e-4 as a string) become numbers, nothing else is guessed.
-        from ..config import coerce_field
-        from ..optim import OPTIMIZERS, canonical_optimizer_name
-
         def optimizer_known(name: str) -> bool:
             return canonical_optimizer_name(name) in OPTIMIZERS
 
@@ -270,14 +271,8 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters; attach an adapter (or load with trainable=True)")
-        try:
-            from ..optim import make_optimizer
-        except ImportError:  # pragma: no cover - optim is part of the package
-            make_optimizer = None
-        if make_optimizer is not None:
-            return make_optimizer(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  loraplus_ratio=cfg.loraplus_ratio)
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return make_optimizer(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                              loraplus_ratio=cfg.loraplus_ratio)
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -515,9 +510,6 @@ class Trainer:
               rng: dict[str, Any] | None = None, collective: bool = True) -> Path | None:
         """Write ``ckpt-<step>`` (and ``adapter/`` if ``final``). ``collective=False``: rank 0 alone, no gathers or
         barriers (after an exception; the model must not be sharded). ``rng``: the RNG state to record."""
-        from ..io import save as save_adapters
-        from ..registry import registry_or_none
-
         # a model without adapters (full fine-tuning, head-only baselines) saves its trainable tensors instead
         save = save_adapters if registry_or_none(model) is not None else _save_trainable
 
@@ -581,8 +573,6 @@ class Trainer:
         return found
 
     def _restore_adapters(self, model: nn.Module, found: ckpt.Resumable) -> tuple[Path, dict[str, Any]]:
-        from ..io import restore
-
         folder, state = found.folder, found.state
         if (folder / "adapter" / TRAINABLE_FILE).exists():
             from safetensors.torch import load_file
@@ -655,8 +645,6 @@ def _save_trainable(model: nn.Module, path: Path, write_files: bool = True) -> P
     """Every trainable tensor of a model without adapters, in one safetensors file (atomic folder)."""
     from safetensors.torch import save_file
 
-    from ..io import atomic_folder, full_tensor
-
     tensors = {n: full_tensor(p).detach().cpu().contiguous().clone() for n, p in model.named_parameters()
                if p.requires_grad}
     if write_files:
@@ -666,15 +654,11 @@ def _save_trainable(model: nn.Module, path: Path, write_files: bool = True) -> P
 
 def _optimizer_key(name: Any) -> str:
     """The canonical optimiser name (aliases such as ``adamw_8bit`` resolved), as recorded in checkpoints."""
-    from ..optim import canonical_optimizer_name
-
     return canonical_optimizer_name(name)
 
 
 def _refuse_merged(model: nn.Module) -> None:
     """Training through merged adapters would update factors whose delta is already inside the base weights."""
-    from ..registry import adapted_layers, registry_or_none
-
     if registry_or_none(model) is None:
         return
     merged = sorted({n for _, layer in adapted_layers(model) for n in layer.merged})
@@ -706,8 +690,6 @@ def _watched_buffers(model: nn.Module) -> list[torch.Tensor]:
 
 def _trim_logs(out: Path, step: int) -> None:
     """Drop log rows of steps after ``step`` (and a half-written last line), rewriting each file atomically."""
-    from ..io import atomic_write_text
-
     jsonl, csv_path = out / "log.jsonl", out / "log.csv"
     if jsonl.exists():
         text = jsonl.read_text()

@@ -257,7 +257,7 @@ def run_lora_drop(model: nn.Module, config: AdapterConfig, data: Any,
     """
     if not isinstance(config, AdapterConfig) or config.method != LoraDropAdapter.method:
         raise ValueError(f"run_lora_drop needs an AdapterConfig with method='lora_drop', got "
-                         f"{getattr(config, 'method', type(config).__name__)!r}")
+                         f"{config.method if isinstance(config, AdapterConfig) else type(config).__name__!r}")
     if config.drop_selected is not None:
         raise ValueError(f"AdapterConfig.drop_selected={config.drop_selected!r} must be None for run_lora_drop "
                          "(stage 1 measures it); to attach a known selection use lorakit.attach")
