@@ -6,6 +6,7 @@ Nothing here knows a format's layout; :mod:`lorakit.io.lorakit_format` and :mod:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -204,6 +205,11 @@ def _commit(src: Path, dst: Path, work: Path) -> None:
             except OSError:  # no hard links here (some filesystems): a copy does as well
                 shutil.copy2(target, backup)
             backups[target] = backup
+    # The plan, before the first rename: if this process dies between two renames, a reader can tell which files
+    # are already the new save's (gone from work/new) and refuse the mixed folder (see interrupted_save).
+    plan = work / COMMIT_PLAN
+    write_new_file(plan, json.dumps({"targets": [os.path.relpath(t, dst) for _, _, t in actions]}).encode("utf-8"))
+    _fsync_file(plan)
     done: list[tuple[str, Path, Path]] = []
     try:
         for kind, source, target in actions:
@@ -231,6 +237,47 @@ def _commit(src: Path, dst: Path, work: Path) -> None:
         raise
     for d in {t.parent for _, _, t in actions}:
         _fsync_dir(d)
+
+
+#: the file in a save's temporary folder listing the files its renames put in place, in order
+COMMIT_PLAN = "commit.json"
+
+
+def interrupted_save(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` must not be loaded now, or None: a lorakit save into it (or into the folder holding it, PEFT's
+    multi-adapter layout) stopped between the renames that put its files in place, killed or still running, so
+    some of its files are the new save's and others the previous one's.
+
+    Only a save into an existing folder replaces files one by one; its temporary folder records the plan first.
+
+    Example:
+        >>> import tempfile
+        >>> interrupted_save(tempfile.mkdtemp()) is None
+        True
+    """
+    folder = Path(folder)
+    for root in (folder, folder.parent):
+        try:
+            entries = [e for e in os.scandir(root) if _TMP_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+        for entry in entries:
+            work = Path(entry.path)
+            try:
+                targets = json.loads((work / COMMIT_PLAN).read_text(encoding="utf-8"))["targets"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not a commit (still writing, or a new folder): nothing in place was replaced yet
+            ours = [t for t in targets if isinstance(t, str)
+                    and os.path.normpath(root / t).startswith(os.path.normpath(folder) + os.sep)]
+            moved = [t for t in ours if not os.path.lexists(work / "new" / t)]
+            if moved and len(moved) < len(ours):
+                return (f"a save into {str(root)!r} was interrupted between its renames (the process was killed, or "
+                        f"is still saving): {', '.join(moved)} come from the new save but "
+                        f"{', '.join(t for t in ours if t not in moved)} from the previous one, so the adapter would "
+                        f"load mixed. Save the adapter again into this folder (that repairs it and removes "
+                        f"{work.name}); the replaced files' previous versions are in {work / 'previous'} (numbered "
+                        f"as the targets in its {COMMIT_PLAN})")
+    return None
 
 
 def atomic_folder(path: Path, write: Callable[[Path], None]) -> None:

@@ -44,7 +44,7 @@ from ..methods import Adapter, available_methods, get_method
 from ..methods.lora import check_loftq_base
 from ..methods.peft_lora import PEFT_MODEL_PREFIX, peft_loftq_settings, peft_number
 from ..registry import adapted_layers, registry, saved_copy
-from .files import SEP, AdapterLoadError, atomic_folder, check_save_target, read_safetensors
+from .files import SEP, AdapterLoadError, atomic_folder, check_save_target, interrupted_save, read_safetensors
 from .loader import AdapterToLoad, choose_adapters, install_adapters
 from .lorakit_format import CONFIG_FILE
 
@@ -99,6 +99,9 @@ def read_peft_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     """PEFT's config and tensors, with the ``base_model.model.`` prefix removed from layer keys."""
     folder = Path(path)
     cfg_file, w_file = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
+    interrupted = interrupted_save(folder)
+    if interrupted:
+        raise PeftFormatError(interrupted)
     if not cfg_file.exists():
         raise PeftFileMissing(f"{folder} has no {PEFT_CONFIG}")
     if not w_file.exists():
