@@ -227,6 +227,8 @@ def _commit(src: Path, dst: Path, work: Path) -> None:
                     os.replace(backups[target], target)
                 else:
                     os.unlink(target)
+            with contextlib.suppress(OSError):  # all back: a temporary outliving this must not read as mixed
+                os.unlink(plan)
         except OSError as again:
             work_kept = work.with_name(work.name.replace(_TMP_TAG, "lorakit-failed-save"))
             with contextlib.suppress(OSError):
