@@ -205,10 +205,13 @@ def _commit(src: Path, dst: Path, work: Path) -> None:
             except OSError:  # no hard links here (some filesystems): a copy does as well
                 shutil.copy2(target, backup)
             backups[target] = backup
-    # The plan, before the first rename: if this process dies between two renames, a reader can tell which files
-    # are already the new save's (gone from work/new) and refuse the mixed folder (see interrupted_save).
+    # The plan, before the first rename: each target with the identity (device, inode: a rename keeps it) of the
+    # file or folder about to be put there. If this process dies between two renames, a reader can tell which
+    # targets already hold this save's files and which still wait in work/new, and refuse the mixed folder; once
+    # a later save has replaced them, none holds this save's files any more (see interrupted_save).
     plan = work / COMMIT_PLAN
-    write_new_file(plan, json.dumps({"targets": [os.path.relpath(t, dst) for _, _, t in actions]}).encode("utf-8"))
+    targets = [[os.path.relpath(t, dst), *_identity(s)] for _, s, t in actions]
+    write_new_file(plan, json.dumps({"targets": targets}).encode("utf-8"))
     _fsync_file(plan)
     done: list[tuple[str, Path, Path]] = []
     try:
@@ -245,6 +248,11 @@ def _commit(src: Path, dst: Path, work: Path) -> None:
 COMMIT_PLAN = "commit.json"
 
 
+def _identity(path: str | os.PathLike) -> tuple[int, int]:
+    st = os.stat(path, follow_symlinks=False)
+    return st.st_dev, st.st_ino
+
+
 def interrupted_save(folder: str | os.PathLike) -> str | None:
     """Why ``folder`` must not be loaded now, or None: a lorakit save into it (or into the folder holding it, PEFT's
     multi-adapter layout) stopped between the renames that put its files in place, killed or still running, so
@@ -266,19 +274,26 @@ def interrupted_save(folder: str | os.PathLike) -> str | None:
         for entry in entries:
             work = Path(entry.path)
             try:
-                targets = json.loads((work / COMMIT_PLAN).read_text(encoding="utf-8"))["targets"]
+                plan = json.loads((work / COMMIT_PLAN).read_text(encoding="utf-8"))["targets"]
+                targets = {str(rel): (int(dev), int(ino)) for rel, dev, ino in plan}
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # not a commit (still writing, or a new folder): nothing in place was replaced yet
-            ours = [t for t in targets if isinstance(t, str)
-                    and os.path.normpath(root / t).startswith(os.path.normpath(folder) + os.sep)]
-            moved = [t for t in ours if not os.path.lexists(work / "new" / t)]
-            if moved and len(moved) < len(ours):
+            ours = [t for t in targets if os.path.normpath(root / t).startswith(os.path.normpath(folder) + os.sep)]
+
+            def holds_new(rel: str) -> bool:  # the target holds the very file (or folder) this save put there
+                try:
+                    return _identity(root / rel) == targets[rel]
+                except OSError:
+                    return False
+
+            moved = [t for t in ours if holds_new(t)]
+            waiting = [t for t in ours if os.path.lexists(work / "new" / t)]
+            if moved and waiting:
                 return (f"a save into {str(root)!r} was interrupted between its renames (the process was killed, or "
-                        f"is still saving): {', '.join(moved)} come from the new save but "
-                        f"{', '.join(t for t in ours if t not in moved)} from the previous one, so the adapter would "
-                        f"load mixed. Save the adapter again into this folder (that repairs it and removes "
-                        f"{work.name}); the replaced files' previous versions are in {work / 'previous'} (numbered "
-                        f"as the targets in its {COMMIT_PLAN})")
+                        f"is still saving): {', '.join(moved)} come from the new save but {', '.join(waiting)} "
+                        f"from the previous one, so the adapter would load mixed. Save the adapter again into this "
+                        f"folder (that repairs it and removes {work.name}); the replaced files' previous versions "
+                        f"are in {work / 'previous'} (numbered as the targets in its {COMMIT_PLAN})")
     return None
 
 
