@@ -205,8 +205,8 @@ def _commit(src: Path, dst: Path, work: Path) -> None:
             except OSError:  # no hard links here (some filesystems): a copy does as well
                 shutil.copy2(target, backup)
             backups[target] = backup
-    # The plan, before the first rename: each target with the identity (device, inode: a rename keeps it) of the
-    # file or folder about to be put there. If this process dies between two renames, a reader can tell which
+    # The plan, before the first rename: each target with the identity (device, inode, ...: a rename keeps it) of
+    # the file or folder about to be put there. If this process dies between two renames, a reader can tell which
     # targets already hold this save's files and which still wait in work/new, and refuse the mixed folder; once
     # a later save has replaced them, none holds this save's files any more (see interrupted_save).
     plan = work / COMMIT_PLAN
@@ -248,9 +248,11 @@ def _commit(src: Path, dst: Path, work: Path) -> None:
 COMMIT_PLAN = "commit.json"
 
 
-def _identity(path: str | os.PathLike) -> tuple[int, int]:
+def _identity(path: str | os.PathLike) -> tuple[int, int, int, int]:
+    """What tells one file from another at the same path across renames: device, inode (a rename keeps both; size
+    and modification time too, and they tell a later file that got a freed inode number again apart)."""
     st = os.stat(path, follow_symlinks=False)
-    return st.st_dev, st.st_ino
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def interrupted_save(folder: str | os.PathLike) -> str | None:
@@ -275,7 +277,7 @@ def interrupted_save(folder: str | os.PathLike) -> str | None:
             work = Path(entry.path)
             try:
                 plan = json.loads((work / COMMIT_PLAN).read_text(encoding="utf-8"))["targets"]
-                targets = {str(rel): (int(dev), int(ino)) for rel, dev, ino in plan}
+                targets = {str(rel): tuple(int(v) for v in identity) for rel, *identity in plan}
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # not a commit (still writing, or a new folder): nothing in place was replaced yet
             ours = [t for t in targets if os.path.normpath(root / t).startswith(os.path.normpath(folder) + os.sep)]
