@@ -252,6 +252,8 @@ def _identity(path: str | os.PathLike) -> tuple[int, int, int, int]:
     """What tells one file from another at the same path across renames: device, inode (a rename keeps both; size
     and modification time too, and they tell a later file that got a freed inode number again apart)."""
     st = os.stat(path, follow_symlinks=False)
+    if stat.S_ISDIR(st.st_mode):  # a folder's size and times follow its entries (and, on some systems, its move)
+        return st.st_dev, st.st_ino, 0, 0
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
