@@ -347,6 +347,50 @@ def test_unload_without_merge_after_merge_plain_mlp():
     torch.testing.assert_close(out(plain, x), out(base, x), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("method", ["lora", "dora", "vera"])
+def test_unload_without_merge_after_merge_is_the_original_bit_for_bit(method, dtype):
+    """The atol checks above would miss a one-ulp drift (an unmerge that subtracts the delta again): every weight
+    of the unloaded model is the original tensor exactly, in every dtype."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2)).to(dtype)
+    net = copy.deepcopy(base)
+    lorakit.attach(net, AdapterConfig(method=method, r=2, targets=["0", "2"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in (p for p in net.parameters() if p.requires_grad):
+            p.copy_(torch.randn(p.shape, generator=g))
+    lorakit.merge(net)
+    assert not torch.equal(net[0].base.weight, base[0].weight)  # the merge really changed the weight
+    plain = lorakit.unload(net, merge=False)
+    assert plain.state_dict().keys() == base.state_dict().keys()
+    for k, v in base.state_dict().items():
+        assert torch.equal(plain.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unload_without_merge_undoes_pissas_residual_within_one_rounding(dtype):
+    """PiSSA keeps the residual ``W - s·B0·A0`` as the base weight, rounded once when it was made; unload adds the
+    shift back (fp32, rounded once), so the original comes back within those two roundings, as documented."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2)).to(dtype)
+    net = copy.deepcopy(base)
+    lorakit.attach(net, AdapterConfig(r=2, targets=["0", "2"], init="pissa"))
+    residual = {p: net.get_submodule(p).base.weight.detach().clone() for p in ("0", "2")}
+    lorakit.merge(net)
+    plain = lorakit.unload(net, merge=False)
+
+    def ulp(t):
+        t = t.abs()
+        return torch.nextafter(t, torch.full_like(t, float("inf"))) - t
+
+    for p in ("0", "2"):
+        original, got = base.get_submodule(p).weight, plain.get_submodule(p).weight
+        bound = ulp(original).float() + ulp(residual[p]).float()
+        assert bool(((got.float() - original.float()).abs() <= bound).all()), p
+    assert torch.equal(plain[0].bias, base[0].bias)
+
+
 def test_lora_drop_stage_two_continues_the_stage_one_head():
     """run_lora_drop re-attaches its adapter for stage 2; the head trained in stage 1 must carry over with it."""
     net = Net().eval()

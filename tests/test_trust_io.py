@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 from collections import Counter
@@ -324,6 +325,65 @@ def test_no_temporaries_left_after_a_failed_serialisation(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="disk full"):
         lorakit.save(net, tmp_path / "ad")
     assert list(tmp_path.iterdir()) == []
+
+
+def _die_at_rename(do_save, kill_at: int) -> None:
+    """Run ``do_save`` in a forked child that dies at its ``kill_at``-th ``os.replace`` (``os._exit``: no cleanup,
+    no rollback, as after SIGKILL); fails if the save finished first."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            real, calls = os.replace, [0]
+
+            def replace(*args, **kwargs):
+                calls[0] += 1
+                if calls[0] == kill_at:
+                    os._exit(7)
+                return real(*args, **kwargs)
+
+            os.replace = replace
+            do_save()
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7, "the save did not reach that rename"
+
+
+@pytest.mark.parametrize("names, renames", [(("default",), 2), (("default", "extra"), 4)], ids=["one", "two"])
+def test_a_peft_save_killed_between_its_renames_is_refused_not_mixed(tmp_path, names, renames):
+    """PEFT's config has no room for lorakit's save id, so the folder's own record of the save tells: a PEFT folder
+    whose files come partly from a save killed between its renames (new weights, old config with another alpha;
+    or, with several adapters, some from each save) is refused as interrupted, never loaded mixed. Killed before
+    the first rename, the previous adapters load exactly; the next save repairs the folder."""
+    def model(seed, alpha):
+        net = mlp()
+        for i, name in enumerate(names):
+            lorakit.attach(net, AdapterConfig(r=2, alpha=alpha, targets=["0", "2"] if i == 0 else ["2"]), name=name)
+        randomise(net, seed)
+        lorakit.set_active(net, list(names))
+        return net
+
+    old, new = model(1, alpha=4), model(2, alpha=16)
+    for kill_at in range(1, renames + 1):
+        folder = make_run_folder(tmp_path / str(kill_at))
+        lorakit.save(old, folder, format="peft")
+        _die_at_rename(lambda: lorakit.save(new, folder, format="peft"), kill_at)
+        if kill_at == 1:
+            assert torch.equal(_load_all(folder), outputs(old))
+        else:
+            fresh = mlp()
+            before = model_state(fresh)
+            with pytest.raises(AdapterLoadError, match=r"(?s)interrupted.*Save the adapter again"):
+                lorakit.load(fresh, folder)
+            assert same_model_state(before, model_state(fresh))
+            # the dead save's temporary as if another host's (a save from here cannot tell it is dead): it stays
+            dead = next(p for p in folder.iterdir() if "lorakit-tmp" in p.name)
+            dead.rename(folder / re.sub(r"lorakit-tmp-[A-Za-z0-9_]+-", "lorakit-tmp-elsewhere-", dead.name))
+            with pytest.raises(AdapterLoadError, match="interrupted"):
+                lorakit.load(mlp(), folder)
+        lorakit.save(new, folder, format="peft")  # the next save repairs it and removes the dead save's temporaries
+        assert torch.equal(_load_all(folder), outputs(new))  # a leftover temporary no longer reads as interrupted
+        assert not [p for p in folder.iterdir() if "lorakit" in p.name and "elsewhere" not in p.name]
 
 
 # --------------------------------------------------------------------------- consistency of the two files of a save

@@ -19,6 +19,7 @@ import lorakit
 from lorakit import AdapterLoadError
 
 SRC = str(Path(lorakit.__file__).resolve().parents[1])
+pytestmark = pytest.mark.slow  # real processes, a few seconds each: CI's second step
 
 CHILD = textwrap.dedent("""
     import os, signal, sys

@@ -263,6 +263,43 @@ def test_resume_drops_log_rows_after_the_checkpoint(tmp_path):
     assert [(r["kind"], r["step"], r["loss"]) for r in rows] == [(r["kind"], r["step"], r["loss"]) for r in ref]
 
 
+@pytest.mark.parametrize("adapter", [dict(method="lora"), dict(method="sora"),
+                                     dict(method="adalora", target_r=1, total_steps=8, t_init=1, t_final=2)],
+                         ids=lambda a: a["method"])
+def test_a_kill_during_the_final_adapter_save_then_resume_equals_an_uninterrupted_run(tmp_path, adapter):
+    """Killed after the last step's checkpoint but before adapter/ appeared (it appears in one rename): --resume
+    finishes the run exactly as an uninterrupted one, also for members whose end-of-training consolidation changes
+    the adapter's shapes (SoRA prunes to a plain LoRA, AdaLoRA to its kept ranks), without a second final eval row."""
+    def run_with(out, **kw):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3))
+        lorakit.attach(net, lorakit.AdapterConfig(r=4, seed=0, **adapter))
+        cfg = TrainConfig(**{**BASE, "output_dir": str(out), "eval_every": 2, "save_every": 3, **kw})
+        return Trainer(net, cfg, make_data(), eval_data=make_data(8), loss_fn=mse).train()
+
+    full = run_with(tmp_path / "full")
+    out = tmp_path / "run"
+    run_with(out)
+    import shutil
+
+    shutil.rmtree(out / "adapter")  # the state a kill -9 between the final checkpoint and the adapter's rename leaves
+    resumed = run_with(out, resume=str(out))
+    assert resumed.losses == full.losses
+    a, b = (load_file(str(p / "adapter" / "lorakit_weights.safetensors")) for p in (tmp_path / "full", out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def key(rows):
+        return [(r["kind"], int(r["step"]), r.get("loss"), r.get("eval_loss")) for r in rows]
+
+    assert key(log_rows(out)) == key(log_rows(tmp_path / "full"))  # one final eval row, as in the full run
+    import csv
+
+    def csv_rows(folder):
+        return [(r["kind"], r["step"], r["loss"], r["eval_loss"]) for r in csv.DictReader(open(folder / "log.csv"))]
+
+    assert csv_rows(out) == csv_rows(tmp_path / "full")
+
+
 # -- item 17: resuming with another optimiser is refused clearly ----------------------------------------------------
 @pytest.mark.parametrize("change, expected", [({"optimizer": "sgd"}, r"optimizer adamw.*train\.optimizer=adamw"),
                                               ({"loraplus_ratio": 16.0}, r"loraplus_ratio")])

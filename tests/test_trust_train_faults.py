@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 SRC = Path(__file__).resolve().parents[1] / "src"  # this checkout's lorakit, wherever the tests run from
+pytestmark = pytest.mark.slow  # real processes, a few seconds each: CI's second step
 STEPS = 20
 
 CHILD = r'''

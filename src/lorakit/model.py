@@ -569,7 +569,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 def delete(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` (unmerging it first if merged) and its copies of ``modules_to_save`` modules.
-    The last adapter leaves plain layers and the original modules behind.
+    The last adapter leaves plain layers and the original modules behind. A base-weight shift it made (PiSSA,
+    Delta-LoRA) is undone up to the roundings it took, as in :func:`unload`.
 
     Example:
         >>> import torch, lorakit
@@ -676,9 +677,11 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 
     ``merge=True`` first merges the active adapters (see :func:`merge`: refused if a weight would overflow; a tied
     weight is untied with a warning), so the returned plain model computes the adapted function.
-    ``merge=False`` returns the original base model (base-weight shifts such as PiSSA's residual are undone).
-
-    With ``merge=False`` adapters merged earlier are unmerged first, so their deltas leave the weights too. A module
+    ``merge=False`` returns the original base model: adapters merged earlier are unmerged first (bit for bit, in
+    every dtype), so their deltas leave the weights too. A base-weight shift (PiSSA's residual ``W - s·B0·A0``,
+    Delta-LoRA's accumulated updates) is undone by taking it back in fp32 and rounding once; the shifted weight
+    itself was rounded when it was made (PiSSA: once; Delta-LoRA: at every update), so such a layer comes back
+    within those roundings (PiSSA: about one unit in the last place of its dtype), not bit for bit. A module
     trained whole (``modules_to_save``) is replaced by the active adapter's copy with ``merge=True`` (refused,
     before anything changes, if several active adapters own one), by its original module with ``merge=False``.
 

@@ -6,6 +6,7 @@ Nothing here knows a format's layout; :mod:`lorakit.io.lorakit_format` and :mod:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -204,6 +205,14 @@ def _commit(src: Path, dst: Path, work: Path) -> None:
             except OSError:  # no hard links here (some filesystems): a copy does as well
                 shutil.copy2(target, backup)
             backups[target] = backup
+    # The plan, before the first rename: each target with the identity (device, inode, ...: a rename keeps it) of
+    # the file or folder about to be put there. If this process dies between two renames, a reader can tell which
+    # targets already hold this save's files and which still wait in work/new, and refuse the mixed folder; once
+    # a later save has replaced them, none holds this save's files any more (see interrupted_save).
+    plan = work / COMMIT_PLAN
+    targets = [[os.path.relpath(t, dst), *_identity(s)] for _, s, t in actions]
+    write_new_file(plan, json.dumps({"targets": targets}).encode("utf-8"))
+    _fsync_file(plan)
     done: list[tuple[str, Path, Path]] = []
     try:
         for kind, source, target in actions:
@@ -221,6 +230,8 @@ def _commit(src: Path, dst: Path, work: Path) -> None:
                     os.replace(backups[target], target)
                 else:
                     os.unlink(target)
+            with contextlib.suppress(OSError):  # all back: a temporary outliving this must not read as mixed
+                os.unlink(plan)
         except OSError as again:
             work_kept = work.with_name(work.name.replace(_TMP_TAG, "lorakit-failed-save"))
             with contextlib.suppress(OSError):
@@ -231,6 +242,63 @@ def _commit(src: Path, dst: Path, work: Path) -> None:
         raise
     for d in {t.parent for _, _, t in actions}:
         _fsync_dir(d)
+
+
+#: the file in a save's temporary folder listing the files its renames put in place, in order
+COMMIT_PLAN = "commit.json"
+
+
+def _identity(path: str | os.PathLike) -> tuple[int, int, int, int]:
+    """What tells one file from another at the same path across renames: device, inode (a rename keeps both; size
+    and modification time too, and they tell a later file that got a freed inode number again apart)."""
+    st = os.stat(path, follow_symlinks=False)
+    if stat.S_ISDIR(st.st_mode):  # a folder's size and times follow its entries (and, on some systems, its move)
+        return st.st_dev, st.st_ino, 0, 0
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def interrupted_save(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` must not be loaded now, or None: a lorakit save into it (or into the folder holding it, PEFT's
+    multi-adapter layout) stopped between the renames that put its files in place, killed or still running, so
+    some of its files are the new save's and others the previous one's.
+
+    Only a save into an existing folder replaces files one by one; its temporary folder records the plan first.
+
+    Example:
+        >>> import tempfile
+        >>> interrupted_save(tempfile.mkdtemp()) is None
+        True
+    """
+    folder = Path(folder)
+    for root in (folder, folder.parent):
+        try:
+            entries = [e for e in os.scandir(root) if _TMP_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+        for entry in entries:
+            work = Path(entry.path)
+            try:
+                plan = json.loads((work / COMMIT_PLAN).read_text(encoding="utf-8"))["targets"]
+                targets = {str(rel): tuple(int(v) for v in identity) for rel, *identity in plan}
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not a commit (still writing, or a new folder): nothing in place was replaced yet
+            ours = [t for t in targets if os.path.normpath(root / t).startswith(os.path.normpath(folder) + os.sep)]
+
+            def holds_new(rel: str) -> bool:  # the target holds the very file (or folder) this save put there
+                try:
+                    return _identity(root / rel) == targets[rel]
+                except OSError:
+                    return False
+
+            moved = [t for t in ours if holds_new(t)]
+            waiting = [t for t in ours if os.path.lexists(work / "new" / t)]
+            if moved and waiting:
+                return (f"a save into {str(root)!r} was interrupted between its renames (the process was killed, or "
+                        f"is still saving): {', '.join(moved)} come from the new save but {', '.join(waiting)} "
+                        f"from the previous one, so the adapter would load mixed. Save the adapter again into this "
+                        f"folder (that repairs it and removes {work.name}); the replaced files' previous versions "
+                        f"are in {work / 'previous'} (numbered as the targets in its {COMMIT_PLAN})")
+    return None
 
 
 def atomic_folder(path: Path, write: Callable[[Path], None]) -> None:

@@ -34,8 +34,8 @@ from ..config import AdapterConfig
 from ..methods import get_method
 from ..model import check_adapter_name
 from ..registry import adapted_layers, adapter_entries, registry, saved_copy
-from .files import (SEP, AdapterLoadError, atomic_folder, check_save_target, full_tensor, read_safetensors,
-                    write_new_file)
+from .files import (SEP, AdapterLoadError, atomic_folder, check_save_target, full_tensor, interrupted_save,
+                    read_safetensors, write_new_file)
 from .loader import AdapterToLoad, check_dtype, choose_adapters, few_keys, install_adapters
 
 CONFIG_FILE = "lorakit_config.json"
@@ -149,6 +149,9 @@ def read_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torc
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {str(folder)!r} does not exist")
     cfg_file, w_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    interrupted = interrupted_save(folder)
+    if interrupted:
+        raise AdapterLoadError(interrupted)
     if not cfg_file.exists() or not w_file.exists():
         raise AdapterLoadError(
             f"{str(folder)!r} is not a lorakit adapter folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "

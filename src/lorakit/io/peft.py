@@ -45,7 +45,7 @@ from ..methods.peft_lora import PEFT_MODEL_PREFIX
 # LoRA's PEFT init rules, kept importable here under their 0.1.0 names (lorakit.peft_format re-exports them)
 from ..methods.peft_lora import PEFT_UNSUPPORTED_INITS, peft_loftq_settings  # noqa: F401
 from ..registry import AdapterEntry, adapter_entries, registry, saved_copy
-from .files import SEP, AdapterLoadError, atomic_folder, check_save_target, read_safetensors
+from .files import SEP, AdapterLoadError, atomic_folder, check_save_target, interrupted_save, read_safetensors
 from .loader import AdapterToLoad, choose_adapters, install_adapters
 from .lorakit_format import CONFIG_FILE
 
@@ -91,6 +91,9 @@ def read_peft_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     """PEFT's config and tensors, with the ``base_model.model.`` prefix removed from layer keys."""
     folder = Path(path)
     cfg_file, w_file = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
+    interrupted = interrupted_save(folder)
+    if interrupted:
+        raise PeftFormatError(interrupted)
     if not cfg_file.exists():
         raise PeftFileMissing(f"{folder} has no {PEFT_CONFIG}")
     if not w_file.exists():

@@ -194,7 +194,9 @@ class Trainer:
       warning naming them (and never deleted: when their step is written again they are renamed
       ``ckpt-<step>.corrupt``). Log rows after the resumed step are dropped from ``log.jsonl``/``log.csv`` (each file
       rewritten atomically), so the logs equal those of an uninterrupted run. A checkpoint written with another
-      optimiser or LoRA+ ratio is refused before anything changes.
+      optimiser or LoRA+ ratio is refused before anything changes. The last step's checkpoint holds the state
+      before the end-of-training consolidation (``finish``: AdaLoRA's pruning, SoRA's plain LoRA), so a run killed
+      during its final save resumes into the same consolidation, final eval (logged once) and ``adapter/``.
     - Training with merged adapters is refused up front (call :func:`lorakit.unmerge` first).
     """
 
@@ -297,7 +299,9 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             if cfg.resume:
                 ckpt.remove_stale_temporaries(out)  # a killed run's half-written checkpoint
-                _trim_logs(out, start)  # rows of steps after the checkpoint would be logged twice
+                # rows of steps after the checkpoint would be logged twice (and the final eval, when the
+                # checkpoint is the last step's: it runs again)
+                _trim_logs(out, start, final_eval=start >= cfg.steps)
             (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         batches = self._batch_indices(start)
         bar = self._progress(start)
@@ -351,14 +355,19 @@ class Trainer:
                     self._evaluate(model, step)
                 if out is not None and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     self._save(step, user_model, optimizer, scheduler, hooks)
-            else:  # every step ran (a stop request breaks out): consolidate, evaluate, save the adapter
+            else:  # every step ran (a stop request breaks out): checkpoint, consolidate, evaluate, save the adapter
+                # The last step's checkpoint is written before the consolidation (AdaLoRA's pruning, SoRA's plain
+                # LoRA), like every other one: a resume from it (after a kill during the final save) repeats the
+                # consolidation and the final eval exactly; a consolidated state would not fit a fresh adapter.
+                if out is not None and step != start:
+                    self._save(step, user_model, optimizer, scheduler, hooks)
                 phase = "finish"
                 hooks.finish()
                 phase = "final"
                 boundary_rng = ckpt.rng_state()
                 self._evaluate(model, step)
                 if out is not None:
-                    self._save(step, user_model, optimizer, scheduler, hooks, final=True)
+                    self._save_adapter(user_model)
         except Exception as err:
             if out is not None:
                 buffers_changed = [b._version for b in watched] != boundary_buffers
@@ -506,13 +515,11 @@ class Trainer:
         return tqdm(total=self.config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
-    def _save(self, step: int, model: nn.Module, optimizer, scheduler, hooks, final: bool = False,
+    def _save(self, step: int, model: nn.Module, optimizer, scheduler, hooks,
               rng: dict[str, Any] | None = None, collective: bool = True) -> Path | None:
-        """Write ``ckpt-<step>`` (and ``adapter/`` if ``final``). ``collective=False``: rank 0 alone, no gathers or
-        barriers (after an exception; the model must not be sharded). ``rng``: the RNG state to record."""
-        # a model without adapters (full fine-tuning, head-only baselines) saves its trainable tensors instead
-        save = save_adapters if registry_or_none(model) is not None else _save_trainable
-
+        """Write ``ckpt-<step>``. ``collective=False``: rank 0 alone, no gathers or barriers (after an exception; the
+        model must not be sharded). ``rng``: the RNG state to record."""
+        save = _adapter_writer(model)
         out = Path(self.config.output_dir)
         folder = out / f"ckpt-{step}"
         # Under FSDP every rank takes part in gathering the shards (same order everywhere); only rank 0 writes.
@@ -543,11 +550,14 @@ class Trainer:
             ckpt.prune_checkpoints(out, self.config.keep_last, spare=sorted(self._bad_checkpoints))
         elif sharded:
             save(model, folder / "adapter", write_files=False)
-        if final:
-            save(model, out / "adapter", write_files=self.info.is_main)
         if collective:
             dist_utils.barrier(self.info)
         return folder
+
+    def _save_adapter(self, model: nn.Module) -> None:
+        """Write the finished run's ``adapter/`` (under FSDP every rank gathers, rank 0 writes)."""
+        _adapter_writer(model)(model, Path(self.config.output_dir) / "adapter", write_files=self.info.is_main)
+        dist_utils.barrier(self.info)
 
     def _find_checkpoint(self) -> ckpt.Resumable:
         """The checkpoint to resume from (newest intact one), checked against this run's optimiser settings."""
@@ -641,6 +651,12 @@ class Trainer:
 TRAINABLE_FILE = "trainable.safetensors"
 
 
+def _adapter_writer(model: nn.Module):
+    """``lorakit.save`` for a model with adapters; a model without (full fine-tuning, head-only baselines) saves
+    its trainable tensors instead."""
+    return save_adapters if registry_or_none(model) is not None else _save_trainable
+
+
 def _save_trainable(model: nn.Module, path: Path, write_files: bool = True) -> Path:
     """Every trainable tensor of a model without adapters, in one safetensors file (atomic folder)."""
     from safetensors.torch import save_file
@@ -688,13 +704,17 @@ def _watched_buffers(model: nn.Module) -> list[torch.Tensor]:
             for b in m.buffers(recurse=False)]
 
 
-def _trim_logs(out: Path, step: int) -> None:
-    """Drop log rows of steps after ``step`` (and a half-written last line), rewriting each file atomically."""
+def _trim_logs(out: Path, step: int, final_eval: bool = False) -> None:
+    """Drop log rows of steps after ``step`` (and a half-written last line), and with ``final_eval`` the eval rows
+    of ``step`` itself (the final eval, which runs again); each file is rewritten atomically."""
+    def kept_row(kind: str | None, row_step: float) -> bool:
+        return row_step < step or row_step == step and not (final_eval and kind == "eval")
+
     jsonl, csv_path = out / "log.jsonl", out / "log.csv"
     if jsonl.exists():
         text = jsonl.read_text()
         lines = text.split("\n")[:-1]  # the part after the last newline is empty or half-written
-        kept = [line for line in lines if _row_step(line) <= step]
+        kept = [line for line in lines if kept_row(_row_kind(line), _row_step(line))]
         if len(kept) != len(lines) or text.split("\n")[-1]:
             atomic_write_text(jsonl, "".join(line + "\n" for line in kept))
     if csv_path.exists():
@@ -703,7 +723,9 @@ def _trim_logs(out: Path, step: int) -> None:
         if lines:
             header = next(csv.reader([lines[0]]))
             col = header.index("step") if "step" in header else None
-            kept = lines[:1] + [line for line in lines[1:] if col is None or _csv_step(line, col) <= step]
+            kind_col = header.index("kind") if "kind" in header else None
+            kept = lines[:1] + [line for line in lines[1:]
+                                if col is None or kept_row(_csv_field(line, kind_col), _csv_step(line, col))]
             if len(kept) != len(lines) or text.split("\n")[-1]:
                 atomic_write_text(csv_path, "".join(line + "\n" for line in kept))
 
@@ -715,6 +737,24 @@ def _row_step(line: str) -> float:
     except (ValueError, AttributeError):
         return -math.inf
     return value if isinstance(value, int) else -math.inf
+
+
+def _row_kind(line: str) -> str | None:
+    """The ``kind`` of a JSONL log row ("train", "eval"), or None."""
+    try:
+        kind = json.loads(line).get("kind")
+    except (ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def _csv_field(line: str, col: int | None) -> str | None:
+    if col is None:
+        return None
+    try:
+        return next(csv.reader([line]))[col]
+    except (IndexError, StopIteration):
+        return None
 
 
 def _csv_step(line: str, col: int) -> float:
