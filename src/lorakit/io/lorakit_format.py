@@ -35,7 +35,7 @@ from ..methods import get_method
 from ..model import check_adapter_name
 from ..registry import adapted_layers, registry, saved_copy
 from .files import (SEP, AdapterLoadError, atomic_folder, check_save_target, full_tensor, read_safetensors,
-                    write_new_file)
+                    refuse_non_finite, write_new_file)
 from .loader import AdapterToLoad, check_dtype, choose_adapters, few_keys, install_adapters
 
 CONFIG_FILE = "lorakit_config.json"
@@ -96,6 +96,7 @@ def save_lorakit(model: nn.Module, path: str | os.PathLike, names: Sequence[str]
             "modules_to_save": reg.modules_to_save.get(name, []),
             "extra": reg.extra.get(name, {}),
         }
+    refuse_non_finite(tensors, f"save({str(path)!r})")  # before anything is written
 
     # one id in both files: a folder whose weights and config come from different saves is refused on load
     meta["save_id"] = uuid.uuid4().hex

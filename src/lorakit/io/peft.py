@@ -44,7 +44,7 @@ from ..methods import Adapter, available_methods, get_method
 from ..methods.lora import check_loftq_base
 from ..methods.peft_lora import PEFT_MODEL_PREFIX, peft_loftq_settings, peft_number
 from ..registry import adapted_layers, registry, saved_copy
-from .files import SEP, AdapterLoadError, atomic_folder, check_save_target, read_safetensors
+from .files import SEP, AdapterLoadError, atomic_folder, check_save_target, read_safetensors, refuse_non_finite
 from .loader import AdapterToLoad, choose_adapters, install_adapters
 from .lorakit_format import CONFIG_FILE
 
@@ -437,6 +437,8 @@ def save_peft(model: nn.Module, path: str | os.PathLike, names: Sequence[str], b
     if len(set(names)) != len(names):
         raise ValueError(f"save(format='peft') got repeated adapter names {names}")
     plans = [(name, _peft_payload(model, name)) for name in names]  # every check before anything is written
+    for name, (_, tensors) in plans:
+        refuse_non_finite(tensors, f"save({str(path)!r}, format='peft') of adapter {name!r}")
     folder = Path(path)
     check_save_target(folder, "peft", CONFIG_FILE, "lorakit")
     written = {folder if len(plans) == 1 or name == "default" else folder / name for name, _ in plans}

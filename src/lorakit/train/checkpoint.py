@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..io import atomic_folder
+from ..io.files import first_non_finite, refuse_non_finite
 from ..io import remove_stale_temporaries as remove_stale_in
 
 TENSOR_MARK = "__tensor__"
@@ -83,6 +84,7 @@ def write_checkpoint(folder: Path, parts: dict[str, Any], adapter_writer) -> Pat
     def write(tmp: Path) -> None:
         tensors: dict[str, torch.Tensor] = {}
         meta = {name: flatten_state(value, tensors) for name, value in parts.items()}
+        refuse_non_finite(tensors, f"checkpoint {folder}")
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta))
         adapter_writer(tmp / "adapter")
@@ -103,6 +105,9 @@ def read_checkpoint(folder: Path) -> dict[str, Any]:
                                 "ckpt-<step> folder or at the run's output folder")
     try:
         tensors = load_file(str(folder / "state.safetensors"))
+        bad = first_non_finite(tensors)
+        if bad is not None:  # reads back fine, but resuming from it would turn the adapter into NaN
+            raise ValueError(f"state.safetensors: tensor {bad!r} holds non-finite values (NaN or inf)")
         meta = json.loads((folder / "state.json").read_text())
         if not isinstance(meta, dict) or any(part not in meta for part in REQUIRED_PARTS):
             raise ValueError(f"state.json lacks one of {', '.join(REQUIRED_PARTS)}")
@@ -122,7 +127,9 @@ def _read_adapter(folder: Path) -> None:
 
     trainable = folder / "trainable.safetensors"
     if trainable.exists():
-        load_file(str(trainable))
+        bad = first_non_finite(load_file(str(trainable)))
+        if bad is not None:
+            raise ValueError(f"{trainable.name}: tensor {bad!r} holds non-finite values (NaN or inf)")
     else:
         read_folder(folder)
 
