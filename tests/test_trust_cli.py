@@ -251,6 +251,25 @@ def test_classification_rows_fed_to_a_causal_lm(tiny_chat_folder, tiny_classifie
     assert not out_dir.exists()
 
 
+def test_data_with_more_labels_than_the_models_head_is_one_line(tiny_classifier_folder, tmp_path, capfd):
+    # the model folder has a trained 2-label head, the data has 3 labels: transformers printed its load-report table
+    # and raised a RuntimeError ("internal error"); the table goes to the process's stderr, so capture the fd
+    model_dir, _ = tiny_classifier_folder
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": ["bad", "good", "meh"][i % 3]}) + "\n"
+                            for i, t in enumerate(["a witty film", "a tedious mess", "dull and boring"] * 6)))
+    out_dir = tmp_path / "run"
+    code = 0
+    try:
+        main(train_argv(model_dir, data, out_dir, "--steps", "1"))
+    except SystemExit as exc:
+        code = exc.code
+    err = capfd.readouterr().err
+    one_line_error(code, err)
+    assert str(model_dir) in err and str(data) in err and "3 labels" in err and "2" in err
+    assert not out_dir.exists()
+
+
 @pytest.mark.parametrize("suffix, content, line", [
     (".jsonl", b'{"text": "a witty film", "label": 1}\n{"text": "caf\xe9 mess", "label": 0}\n', 2),
     (".csv", b"text,label\na witty film,1\ncaf\xe9 mess,0\n", 3),
@@ -275,6 +294,29 @@ def test_resume_with_another_optimizer_is_one_line(trained, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 # Internal errors and --debug
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--steps", "abc", "--dry-run"], ["'--steps'", "integer", "lorakit train --help"]),
+    (["train", "--stpes", "3", "--dry-run"], ["--stpes", "--steps", "lorakit train --help"]),
+    (["trian"], ["'trian'", "'train'", "lorakit --help"]),
+    (["export", "some/adapter"], ["'--out'", "lorakit export --help"]),
+    (["predict"], ["'adapter'", "lorakit predict --help"]),
+])
+def test_usage_errors_are_one_line_with_the_help_command(argv, words, capsys, monkeypatch):
+    # click's own usage errors printed three lines (Usage:, Try ..., Error: ...)
+    monkeypatch.setattr("sys.argv", ["lorakit"])
+    code, _, err = run(argv, capsys)
+    one_line_error(code, err)
+    assert all(w in err for w in words), err
+
+
+def test_help_and_no_arguments_still_print_the_help(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["lorakit"])
+    code, out, _ = run(["train", "--help"], capsys)
+    assert code == 0 and "--dry-run" in out
+    code, out, err = run([], capsys)
+    assert code in (0, 2) and "train" in out + err and "error:" not in out + err
+
+
 def test_unexpected_exception_is_one_internal_error_line(tmp_path, capsys, monkeypatch):
     import lorakit.train.job as job
 

@@ -477,23 +477,53 @@ def _message(exc: BaseException) -> tuple[int, str]:
                f"report it)")
 
 
+def _click_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(click's exception base classes, its no-arguments-help classes): click's and typer's vendored copy."""
+    bases: list[type[BaseException]] = []
+    helps: list[type[BaseException]] = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            found = __import__(module, fromlist=["ClickException"])
+        except ImportError:
+            continue
+        bases.append(found.ClickException)
+        if hasattr(found, "NoArgsIsHelpError"):
+            helps.append(found.NoArgsIsHelpError)
+    return tuple(bases), tuple(helps)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``lorakit`` command.
 
     Any exception becomes one line on stderr: ``error: ...`` (exit code 2) for bad input, ``internal error: ...``
     (exit code 1) for anything unexpected; ``--debug`` before the command re-raises it with its traceback.
     """
+    usage_errors, no_args_help = _click_errors()
     _DEBUG["on"] = False
     _reading()
     try:
-        app(args=argv, standalone_mode=True)
+        # not standalone: click's usage errors come here, to be said in one line like every other error
+        code = app(args=argv, prog_name="lorakit", standalone_mode=False)
     except SystemExit:
         raise
-    except Exception as exc:  # KeyboardInterrupt is click's (it prints "Aborted!")
+    except usage_errors as exc:
+        if isinstance(exc, no_args_help):
+            exc.show()  # `lorakit` or `lorakit train` alone: the help text, as before
+            sys.exit(exc.exit_code)
+        context = getattr(exc, "ctx", None)
+        where = f" (see '{context.command_path} --help')" if context is not None else ""
+        typer.echo(f"error: {_one_line(exc.format_message())}{where}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("Aborted!", err=True)
+        sys.exit(1)
+    except Exception as exc:  # KeyboardInterrupt is typer's (exit code 130)
         if _DEBUG["on"]:
             raise
         code, line = _message(exc)
         typer.echo(line, err=True)
+        sys.exit(code)
+    if isinstance(code, int) and code:  # click's Exit(n), e.g. 130 after Ctrl-C
         sys.exit(code)
 
 

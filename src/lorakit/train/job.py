@@ -168,8 +168,13 @@ def detect_task(path: str) -> str:
     return "lm" if "CausalLM" in archs or "LMHead" in archs else "classification"
 
 
-def load_base(path: str, task: str, num_labels: int | None = None, dtype: str = "float32"):
-    """(model, tokenizer) loaded offline with transformers ``from_pretrained``."""
+def load_base(path: str, task: str, num_labels: int | None = None, dtype: str = "float32",
+              labels_from: str | None = None):
+    """(model, tokenizer) loaded offline with transformers ``from_pretrained``.
+
+    A classifier whose saved head was trained for another number of labels than ``num_labels`` (those of
+    ``labels_from``, the data) is refused with one clear ValueError instead of transformers' report and
+    RuntimeError."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -182,8 +187,23 @@ def load_base(path: str, task: str, num_labels: int | None = None, dtype: str = 
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels or 2,
-                                                                   dtype=torch_dtype)
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its size-mismatch report is a table of many lines; we say it in one
+        try:
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels or 2, dtype=torch_dtype, ignore_mismatched_sizes=True,
+                output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        mismatched = sorted(loading.get("mismatched_keys") or [], key=lambda item: str(item[0]))
+        if mismatched:
+            key, saved_shape = mismatched[-1][0], tuple(mismatched[-1][1])  # "...weight" sorts after "...bias"
+            raise ValueError(f"model {path!r} has a trained classification head ({key} is {saved_shape}: "
+                             f"{saved_shape[0]} labels), but {labels_from or 'the adapter'} has {num_labels or 2} "
+                             f"labels; use data with those {saved_shape[0]} labels, or a model without a trained head "
+                             f"(its base encoder, saved without the classifier)")
         if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
             model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -232,7 +252,8 @@ def run_job(job: JobConfig) -> dict[str, Any]:
     if how != "given":
         job = dataclasses.replace(job, adapter={**job.adapter, "seed": seed})  # recorded in job.yaml and the adapter
     labels = data_mod.label_names(records) if fmt == "classification" else None
-    model, tokenizer = load_base(path, task, num_labels=len(labels) if labels else None)
+    model, tokenizer = load_base(path, task, num_labels=len(labels) if labels else None,
+                                 labels_from=f"data {job.data!r}")
     if labels:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {v: k for k, v in enumerate(labels)}
