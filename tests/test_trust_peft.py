@@ -207,6 +207,18 @@ def test_unsupported_peft_types_are_named(tmp_path, plain_peft_folder, peft_type
         lorakit.load(tiny_llama(), folder)
 
 
+@pytest.mark.parametrize("option, value", [("use_dora", "yes"), ("use_dora", 1), ("use_rslora", "false"),
+                                           ("fan_in_fan_out", "true")])
+def test_peft_switches_that_are_not_booleans_are_named(tmp_path, plain_peft_folder, option, value):
+    # use_dora: "yes" was read as true and refused as "missing keys ...magnitude", a symptom instead of the cause
+    folder = edited_copy(plain_peft_folder, tmp_path / "x", **{option: value})
+    model = tiny_llama()
+    before = state(model)
+    with pytest.raises(PeftFormatError, match=rf"{option}={value!r} is invalid; PEFT writes true or false"):
+        lorakit.load(model, folder)
+    assert_same_state(model, before)
+
+
 @pytest.mark.parametrize("init", ["olora", "corda", "lora_ga", "mica", "pissa_niter_4"])
 def test_unsupported_peft_inits_are_named(tmp_path, plain_peft_folder, init):
     folder = edited_copy(plain_peft_folder, tmp_path / "x", init_lora_weights=init)

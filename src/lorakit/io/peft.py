@@ -52,6 +52,8 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PREFIX = PEFT_MODEL_PREFIX
 
+#: PEFT's boolean switches that lorakit reads (a string or number there is refused, not read as true)
+PEFT_SWITCHES = ("use_dora", "use_rslora", "fan_in_fan_out")
 #: PEFT LoRA options (adapter_config.json keys) that change what the adapter computes and that lorakit does not
 #: implement, with the PEFT feature each one turns on; a folder setting any of them (to a truthy value) is refused
 PEFT_LORA_FEATURES = {
@@ -142,6 +144,11 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
         raise PeftFormatError(f"{folder}/{PEFT_CONFIG}: peft_type={peft_type!r} is missing or not a string; "
                               f"lorakit reads PEFT's LORA (incl. DoRA/rsLoRA), VERA and ADALORA adapters")
     peft_type = peft_type.upper()
+    for switch in PEFT_SWITCHES:  # "yes" or 1 would be read as true: say what is wrong instead of a symptom
+        value = cfg.get(switch)
+        if value is not None and not isinstance(value, bool):
+            raise PeftFormatError(f"{folder}/{PEFT_CONFIG}: {switch}={value!r} is invalid; PEFT writes true or false "
+                                  f"there (fix or re-save the adapter with PEFT)")
     strategy = _peft_reader(peft_type, cfg)
     if strategy is None:
         raise PeftFormatError(f"{folder}: PEFT method {peft_type} (peft_type={cfg['peft_type']!r}) is not supported "
