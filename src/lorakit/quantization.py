@@ -138,12 +138,14 @@ def quantize(model: nn.Module, bits: int = 4, double_quant: bool = True, compute
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"quantize(compute_dtype={compute_dtype}) is invalid; allowed: torch.float32, "
                          "torch.bfloat16, torch.float16")
+    if not isinstance(double_quant, bool):
+        raise ValueError(f"quantize(double_quant={double_quant!r}) is invalid; allowed: True or False")
     if skip is None:
         skip = DEFAULT_SKIP
     else:
         if isinstance(skip, str):
             skip = (skip,)
-        if not all(isinstance(s, str) for s in skip):
+        if not isinstance(skip, (list, tuple, set, frozenset)) or not all(isinstance(s, str) for s in skip):
             raise ValueError(f"quantize(skip={skip!r}) must be a sequence of module names or regexes")
         _check_skip(model, skip)
     targets = _quant_targets(model, skip)
