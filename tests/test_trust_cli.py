@@ -317,6 +317,30 @@ def test_help_and_no_arguments_still_print_the_help(capsys, monkeypatch):
     assert code in (0, 2) and "train" in out + err and "error:" not in out + err
 
 
+def test_a_model_given_as_a_relative_folder_is_found_from_any_directory(tiny_classifier_folder, tmp_path, capsys,
+                                                                        monkeypatch):
+    # lorakit_run.json recorded "--model tiny-bert" as given: predict from another directory failed, or loaded a
+    # different folder that happens to have the same name there, without a word
+    model_dir, data = tiny_classifier_folder
+    monkeypatch.chdir(model_dir.parent)
+    code, _, err = run(train_argv(model_dir.name, data, tmp_path / "run", "--steps", "2", "--set",
+                                  "adapter.seed=0"), capsys)
+    assert code == 0, err
+    code, expected, err = run(["predict", str(tmp_path / "run" / "adapter"), "a witty film"], capsys)
+    assert code == 0, err
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(model_dir, elsewhere / model_dir.name)  # a decoy with the same name, other weights
+    from safetensors.torch import load_file, save_file
+
+    weights = elsewhere / model_dir.name / "model.safetensors"
+    save_file({k: v + 0.5 if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}, str(weights),
+              metadata={"format": "pt"})
+    monkeypatch.chdir(elsewhere)
+    code, out, err = run(["predict", str(tmp_path / "run" / "adapter"), "a witty film"], capsys)
+    assert code == 0, err
+    assert out == expected
+
+
 def test_unexpected_exception_is_one_internal_error_line(tmp_path, capsys, monkeypatch):
     import lorakit.train.job as job
 

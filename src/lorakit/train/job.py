@@ -145,7 +145,8 @@ class JobConfig:
 # Models
 # ---------------------------------------------------------------------------------------------------------------
 def resolve_model_path(model: str) -> str:
-    """A local folder, or an embedded default name (fetched and cached by :mod:`lorakit.assets`)."""
+    """A local folder (as an absolute path), or an embedded default name (fetched and cached by
+    :mod:`lorakit.assets`)."""
     if model == "minilm":
         from ..assets import minilm_path
 
@@ -157,7 +158,8 @@ def resolve_model_path(model: str) -> str:
     if not Path(model, "config.json").exists():
         raise FileNotFoundError(f"model {model!r} is not a transformers folder (no config.json); pass a local "
                                 f"folder saved with save_pretrained, or 'minilm' / 'smollm2'")
-    return model
+    # absolute: what a run records (lorakit_run.json) must name this folder from any working directory
+    return str(Path(model).absolute())
 
 
 def detect_task(path: str) -> str:
