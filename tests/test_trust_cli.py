@@ -148,7 +148,25 @@ def test_peft_r_null_is_one_line(tmp_path, tiny_classifier_folder, capsys):
     save_file({prefix + "lora_A.weight": torch.zeros(2, 32), prefix + "lora_B.weight": torch.zeros(32, 2)},
               str(folder / "adapter_model.safetensors"))
     code, _, err = run(["predict", str(folder), "a witty film", "--model", str(model_dir)], capsys)
-    assert code in (1, 2) and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    one_line_error(code, err)  # bad input (exit 2), not an "internal error"
+    assert "r=None is invalid" in err and str(folder) in err
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(config={"r": None}), "r=None is invalid"),
+    (dict(config={"lora_alpha": "big"}), "lora_alpha='big' is invalid"),
+    (dict(value=float("nan")), "non-finite"),
+])
+def test_inspect_of_a_peft_folder_checks_what_load_checks(tmp_path, capsys, change, words):
+    # inspect printed "r: None" (exit 0) for folders predict/export refuse, and passed NaN weights a lorakit-format
+    # inspect refuses
+    folder = peft_folder(tmp_path, {**PEFT_CFG, **change.get("config", {})})
+    if "value" in change:
+        save_file({"base_model.model.fc.lora_A.weight": torch.full((2, 4), change["value"]),
+                   "base_model.model.fc.lora_B.weight": torch.zeros(4, 2)}, str(folder / "adapter_model.safetensors"))
+    code, _, err = run(["inspect", str(folder)], capsys)
+    one_line_error(code, err)
+    assert words in err and str(folder) in err
 
 
 def test_broken_run_file_names_it(trained, capsys):

@@ -451,7 +451,15 @@ def describe_adapter(adapter: str | os.PathLike) -> str:
         if not weights.is_file():
             raise AdapterLoadError(f"{folder} has no adapter_model.safetensors (lorakit never reads "
                                    f"adapter_model.bin, a pickle); save the adapter with safe_serialization=True")
-        n = _count_safetensors(weights)
+        from ..io import read_safetensors
+        from ..methods.peft_lora import peft_number
+
+        tensors, _ = read_safetensors(weights)  # corrupt or NaN/inf: refused as load refuses it
+        n = sum(t.numel() for t in tensors.values())
+        if "r" in cfg:
+            peft_number(cfg, "r", 8, folder)
+        if "lora_alpha" in cfg:
+            peft_number(cfg, "lora_alpha", 8, folder, float, 0)
         return (f"PEFT adapter at {folder}\n  peft_type: {cfg.get('peft_type')}  r: {cfg.get('r')}  "
                 f"alpha: {cfg.get('lora_alpha')}\n  targets: {cfg.get('target_modules')}\n  parameters: {n:,}")
     try:
@@ -494,20 +502,6 @@ def _safetensors_error() -> type[Exception]:
     from safetensors import SafetensorError
 
     return SafetensorError
-
-
-def _count_safetensors(path: Path) -> int:
-    """Number of values in a safetensors file, read from its header only (nothing is unpickled)."""
-    from safetensors import safe_open
-
-    from ..io import AdapterLoadError
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
-    except _safetensors_error() as exc:
-        raise AdapterLoadError(f"{path}: the file is corrupt or incomplete and cannot be read as safetensors "
-                               f"({exc}); save the adapter again or restore the file from a copy") from None
 
 
 def _read_json_object(path: Path, what: str, error: type[ValueError] | None = None) -> dict[str, Any]:
@@ -558,13 +552,6 @@ def _parse_value(text: str) -> Any:
         except yaml.YAMLError:
             continue
     return text
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def _yaml_loader():
