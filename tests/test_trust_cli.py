@@ -100,6 +100,20 @@ def test_truncated_checkpoint_on_resume(trained, capsys):
     assert str(out_dir) in err
 
 
+def test_a_warning_is_one_line_too(tiny_classifier_folder, tmp_path, capsys):
+    # Python's format put the warning on two lines, the second a line of lorakit's source
+    model_dir, data = tiny_classifier_folder
+    out_dir = tmp_path / "run"
+    code, _, err = run(train_argv(model_dir, data, out_dir, "--steps", "2", "--set", "train.save_every=1"), capsys)
+    assert code == 0, err
+    truncate(out_dir / "ckpt-2" / "state.safetensors")
+    code, _, err = run(train_argv(model_dir, data, out_dir, "--steps", "3", "--resume", str(out_dir)), capsys)
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "ckpt-2" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: ") and "resuming from" in warned[0], err
+    assert not any(line.startswith(" ") or ".py:" in line for line in err.splitlines()), err
+
+
 def peft_folder(tmp_path, config):
     folder = tmp_path / "peft"
     folder.mkdir()

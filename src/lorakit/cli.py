@@ -477,6 +477,14 @@ def _message(exc: BaseException) -> tuple[int, str]:
                f"report it)")
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as errors are shown: one line on stderr (with --debug, Python's format: where it was raised)."""
+    if _DEBUG["on"]:
+        sys.stderr.write(f"{filename}:{lineno}: {category.__name__}: {message}\n")
+        return
+    typer.echo(f"warning: {_one_line(str(message))}", err=True)
+
+
 def _click_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
     """(click's exception base classes, its no-arguments-help classes): click's and typer's vendored copy."""
     bases: list[type[BaseException]] = []
@@ -498,9 +506,13 @@ def main(argv: list[str] | None = None) -> None:
     Any exception becomes one line on stderr: ``error: ...`` (exit code 2) for bad input, ``internal error: ...``
     (exit code 1) for anything unexpected; ``--debug`` before the command re-raises it with its traceback.
     """
+    import warnings
+
     usage_errors, no_args_help = _click_errors()
     _DEBUG["on"] = False
     _reading()
+    python_format = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     try:
         # not standalone: click's usage errors come here, to be said in one line like every other error
         code = app(args=argv, prog_name="lorakit", standalone_mode=False)
@@ -523,6 +535,8 @@ def main(argv: list[str] | None = None) -> None:
         code, line = _message(exc)
         typer.echo(line, err=True)
         sys.exit(code)
+    finally:
+        warnings.showwarning = python_format
     if isinstance(code, int) and code:  # click's Exit(n), e.g. 130 after Ctrl-C
         sys.exit(code)
 
