@@ -114,6 +114,20 @@ def test_a_warning_is_one_line_too(tiny_classifier_folder, tmp_path, capsys):
     assert not any(line.startswith(" ") or ".py:" in line for line in err.splitlines()), err
 
 
+def test_a_file_where_a_folder_is_needed_is_named_as_a_file(trained, tmp_path, capsys):
+    # "adapter folder 'notes.txt' does not exist" for a file that exists; "[Errno 17] File exists" for --out
+    model_dir, data, out_dir = trained
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    for argv in (["inspect", str(notes)], ["predict", str(notes), "a witty film"],
+                 ["export", str(out_dir / "adapter"), "--out", str(notes)],
+                 train_argv(model_dir, data, notes, "--steps", "1")):
+        code, _, err = run(argv, capsys)
+        one_line_error(code, err)
+        assert f"'{notes}' is a file" in err and "does not exist" not in err and "Errno" not in err, err
+        assert notes.read_text() == "keep me"
+
+
 def peft_folder(tmp_path, config):
     folder = tmp_path / "peft"
     folder.mkdir()

@@ -469,6 +469,9 @@ def _message(exc: BaseException) -> tuple[int, str]:
     if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
         return 2, (f"error: out of memory ({text}); lower train.batch_size or max_length, or set "
                    f"train.gradient_checkpointing=true")
+    if isinstance(exc, FileExistsError) and exc.filename and Path(exc.filename).is_file():
+        return 2, (f"error: {str(exc.filename)!r} is a file, where lorakit needs a folder to write into; pass "
+                   f"another path (the file was left as it is)")
     if isinstance(exc, UnicodeDecodeError):  # a ValueError without a path
         return 2, f"error: {where} is not UTF-8 text ({text}); save it as UTF-8"
     if isinstance(exc, _known_errors()):

@@ -145,6 +145,9 @@ def read_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torc
     weights file that is corrupt or incomplete, non-finite values, and weights and config from different saves.
     """
     folder = Path(path)
+    if folder.is_file():
+        raise NotADirectoryError(f"{str(folder)!r} is a file; pass the adapter folder (the one holding its "
+                                 f"config and weights files)")
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {str(folder)!r} does not exist")
     cfg_file, w_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE

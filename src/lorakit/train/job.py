@@ -339,6 +339,9 @@ def _recorded_seed(resume: Path) -> int | None:
 # ---------------------------------------------------------------------------------------------------------------
 def _run_info(adapter: str | os.PathLike, model: str | None, default_task: str | None = None) -> dict[str, Any]:
     folder = Path(adapter)
+    if folder.is_file():
+        raise NotADirectoryError(f"{str(folder)!r} is a file; pass the adapter folder (the one holding its "
+                                 f"config and weights files)")
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {str(folder)!r} does not exist")
     info_file = folder / RUN_FILE
