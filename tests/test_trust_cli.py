@@ -100,6 +100,34 @@ def test_truncated_checkpoint_on_resume(trained, capsys):
     assert str(out_dir) in err
 
 
+def test_a_warning_is_one_line_too(tiny_classifier_folder, tmp_path, capsys):
+    # Python's format put the warning on two lines, the second a line of lorakit's source
+    model_dir, data = tiny_classifier_folder
+    out_dir = tmp_path / "run"
+    code, _, err = run(train_argv(model_dir, data, out_dir, "--steps", "2", "--set", "train.save_every=1"), capsys)
+    assert code == 0, err
+    truncate(out_dir / "ckpt-2" / "state.safetensors")
+    code, _, err = run(train_argv(model_dir, data, out_dir, "--steps", "3", "--resume", str(out_dir)), capsys)
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "ckpt-2" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: ") and "resuming from" in warned[0], err
+    assert not any(line.startswith(" ") or ".py:" in line for line in err.splitlines()), err
+
+
+def test_a_file_where_a_folder_is_needed_is_named_as_a_file(trained, tmp_path, capsys):
+    # "adapter folder 'notes.txt' does not exist" for a file that exists; "[Errno 17] File exists" for --out
+    model_dir, data, out_dir = trained
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    for argv in (["inspect", str(notes)], ["predict", str(notes), "a witty film"],
+                 ["export", str(out_dir / "adapter"), "--out", str(notes)],
+                 train_argv(model_dir, data, notes, "--steps", "1")):
+        code, _, err = run(argv, capsys)
+        one_line_error(code, err)
+        assert f"'{notes}' is a file" in err and "does not exist" not in err and "Errno" not in err, err
+        assert notes.read_text() == "keep me"
+
+
 def peft_folder(tmp_path, config):
     folder = tmp_path / "peft"
     folder.mkdir()
@@ -148,7 +176,25 @@ def test_peft_r_null_is_one_line(tmp_path, tiny_classifier_folder, capsys):
     save_file({prefix + "lora_A.weight": torch.zeros(2, 32), prefix + "lora_B.weight": torch.zeros(32, 2)},
               str(folder / "adapter_model.safetensors"))
     code, _, err = run(["predict", str(folder), "a witty film", "--model", str(model_dir)], capsys)
-    assert code in (1, 2) and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    one_line_error(code, err)  # bad input (exit 2), not an "internal error"
+    assert "r=None is invalid" in err and str(folder) in err
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(config={"r": None}), "r=None is invalid"),
+    (dict(config={"lora_alpha": "big"}), "lora_alpha='big' is invalid"),
+    (dict(value=float("nan")), "non-finite"),
+])
+def test_inspect_of_a_peft_folder_checks_what_load_checks(tmp_path, capsys, change, words):
+    # inspect printed "r: None" (exit 0) for folders predict/export refuse, and passed NaN weights a lorakit-format
+    # inspect refuses
+    folder = peft_folder(tmp_path, {**PEFT_CFG, **change.get("config", {})})
+    if "value" in change:
+        save_file({"base_model.model.fc.lora_A.weight": torch.full((2, 4), change["value"]),
+                   "base_model.model.fc.lora_B.weight": torch.zeros(4, 2)}, str(folder / "adapter_model.safetensors"))
+    code, _, err = run(["inspect", str(folder)], capsys)
+    one_line_error(code, err)
+    assert words in err and str(folder) in err
 
 
 def test_broken_run_file_names_it(trained, capsys):
@@ -251,6 +297,25 @@ def test_classification_rows_fed_to_a_causal_lm(tiny_chat_folder, tiny_classifie
     assert not out_dir.exists()
 
 
+def test_data_with_more_labels_than_the_models_head_is_one_line(tiny_classifier_folder, tmp_path, capfd):
+    # the model folder has a trained 2-label head, the data has 3 labels: transformers printed its load-report table
+    # and raised a RuntimeError ("internal error"); the table goes to the process's stderr, so capture the fd
+    model_dir, _ = tiny_classifier_folder
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": ["bad", "good", "meh"][i % 3]}) + "\n"
+                            for i, t in enumerate(["a witty film", "a tedious mess", "dull and boring"] * 6)))
+    out_dir = tmp_path / "run"
+    code = 0
+    try:
+        main(train_argv(model_dir, data, out_dir, "--steps", "1"))
+    except SystemExit as exc:
+        code = exc.code
+    err = capfd.readouterr().err
+    one_line_error(code, err)
+    assert str(model_dir) in err and str(data) in err and "3 labels" in err and "2" in err
+    assert not out_dir.exists()
+
+
 @pytest.mark.parametrize("suffix, content, line", [
     (".jsonl", b'{"text": "a witty film", "label": 1}\n{"text": "caf\xe9 mess", "label": 0}\n', 2),
     (".csv", b"text,label\na witty film,1\ncaf\xe9 mess,0\n", 3),
@@ -275,6 +340,53 @@ def test_resume_with_another_optimizer_is_one_line(trained, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 # Internal errors and --debug
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--steps", "abc", "--dry-run"], ["'--steps'", "integer", "lorakit train --help"]),
+    (["train", "--stpes", "3", "--dry-run"], ["--stpes", "--steps", "lorakit train --help"]),
+    (["trian"], ["'trian'", "'train'", "lorakit --help"]),
+    (["export", "some/adapter"], ["'--out'", "lorakit export --help"]),
+    (["predict"], ["'adapter'", "lorakit predict --help"]),
+])
+def test_usage_errors_are_one_line_with_the_help_command(argv, words, capsys, monkeypatch):
+    # click's own usage errors printed three lines (Usage:, Try ..., Error: ...)
+    monkeypatch.setattr("sys.argv", ["lorakit"])
+    code, _, err = run(argv, capsys)
+    one_line_error(code, err)
+    assert all(w in err for w in words), err
+
+
+def test_help_and_no_arguments_still_print_the_help(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["lorakit"])
+    code, out, _ = run(["train", "--help"], capsys)
+    assert code == 0 and "--dry-run" in out
+    code, out, err = run([], capsys)
+    assert code in (0, 2) and "train" in out + err and "error:" not in out + err
+
+
+def test_a_model_given_as_a_relative_folder_is_found_from_any_directory(tiny_classifier_folder, tmp_path, capsys,
+                                                                        monkeypatch):
+    # lorakit_run.json recorded "--model tiny-bert" as given: predict from another directory failed, or loaded a
+    # different folder that happens to have the same name there, without a word
+    model_dir, data = tiny_classifier_folder
+    monkeypatch.chdir(model_dir.parent)
+    code, _, err = run(train_argv(model_dir.name, data, tmp_path / "run", "--steps", "2", "--set",
+                                  "adapter.seed=0"), capsys)
+    assert code == 0, err
+    code, expected, err = run(["predict", str(tmp_path / "run" / "adapter"), "a witty film"], capsys)
+    assert code == 0, err
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(model_dir, elsewhere / model_dir.name)  # a decoy with the same name, other weights
+    from safetensors.torch import load_file, save_file
+
+    weights = elsewhere / model_dir.name / "model.safetensors"
+    save_file({k: v + 0.5 if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}, str(weights),
+              metadata={"format": "pt"})
+    monkeypatch.chdir(elsewhere)
+    code, out, err = run(["predict", str(tmp_path / "run" / "adapter"), "a witty film"], capsys)
+    assert code == 0, err
+    assert out == expected
+
+
 def test_unexpected_exception_is_one_internal_error_line(tmp_path, capsys, monkeypatch):
     import lorakit.train.job as job
 

@@ -196,6 +196,28 @@ def test_job_yaml_syntax_error_is_one_line_with_file_line_column(tmp_path):
     assert msg.startswith(f"{cfg}:4:") and "\n" not in msg
 
 
+@pytest.mark.parametrize("text, line, key", [
+    ("train: {steps: 3}\nmodel: x\ntrain: {lr: 1.0e-3}\n", 3, "train"),
+    ("adapter:\n  r: 4\n  alpha: 8\n  r: 16\n", 4, "r"),
+    ('{"train": {"steps": 3, "steps": 4}}', 1, "steps"),
+])
+def test_job_yaml_duplicate_key_is_refused_not_silently_replaced(tmp_path, text, line, key):
+    # PyYAML keeps the last of two equal keys: "train: {steps: 3}" then "train: {lr: ...}" dropped steps silently
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ValueError) as err:
+        JobConfig.from_sources(cfg)
+    msg = str(err.value)
+    assert msg.startswith(f"{cfg}:{line}:") and f"'{key}'" in msg and "twice" in msg and "\n" not in msg
+
+
+def test_job_yaml_merge_keys_may_still_override(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train:\n  <<: {steps: 3, lr: 1.0e-3}\n  steps: 5\n")
+    train = JobConfig.from_sources(cfg).train
+    assert train["steps"] == 5 and train["lr"] == 1e-3
+
+
 def test_job_yaml_reads_exponent_numbers_as_numbers(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("adapter: {method: sora, sora_xi: 1e-4}\ntrain: {lr: 2e-4}\n")

@@ -424,6 +424,23 @@ def test_names_that_break_the_key_scheme_are_refused_everywhere(tmp_path, bad):
     assert same_model_state(before, model_state(fresh))
 
 
+@pytest.mark.parametrize("fmt", ["lorakit", "peft"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_save_refuses_non_finite_adapters_and_writes_nothing(tmp_path, fmt, value):
+    # lorakit never writes what it refuses to load: a diverged adapter is refused by name before any file changes
+    model = adapted()
+    folder = lorakit.save(model, tmp_path / "a", format=fmt)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).view(-1)[0] = value
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN or inf\), so nothing was written"):
+        lorakit.save(model, folder, format=fmt)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    with pytest.raises(ValueError, match="non-finite"):
+        lorakit.save(model, tmp_path / "new", format=fmt)
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_file_with_a_bad_saved_name_is_refused(tmp_path):
     folder = lorakit.save(adapted(), tmp_path / "ad")
     meta = json.loads((folder / lkio.CONFIG_FILE).read_text())

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -281,6 +282,20 @@ def test_quantize_invalid_skip_regex_refused():
     with pytest.raises(ValueError, match=r"classifier\["):
         lorakit.quantize(model, compute_dtype=torch.float32, skip=("classifier[",))
     assert type(model.body[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(skip=5), "skip=5"),
+    (dict(skip=[("classifier",)]), "skip="),
+    (dict(double_quant="yes"), "double_quant='yes'"),
+    (dict(double_quant=1), "double_quant=1"),
+])
+def test_quantize_arguments_of_the_wrong_type_are_refused_before_any_change(kwargs, words):
+    # skip=5 was a TypeError from deep inside; double_quant="yes" was silently taken as true
+    model = _Classifier()
+    with pytest.raises(ValueError, match=re.escape(words)):
+        lorakit.quantize(model, compute_dtype=torch.float32, **kwargs)
+    assert type(model.body[0]) is nn.Linear and type(model.classifier) is nn.Linear
 
 
 def test_quantize_valid_skip_keeps_head_and_default_is_lenient():

@@ -207,6 +207,18 @@ def test_unsupported_peft_types_are_named(tmp_path, plain_peft_folder, peft_type
         lorakit.load(tiny_llama(), folder)
 
 
+@pytest.mark.parametrize("option, value", [("use_dora", "yes"), ("use_dora", 1), ("use_rslora", "false"),
+                                           ("fan_in_fan_out", "true")])
+def test_peft_switches_that_are_not_booleans_are_named(tmp_path, plain_peft_folder, option, value):
+    # use_dora: "yes" was read as true and refused as "missing keys ...magnitude", a symptom instead of the cause
+    folder = edited_copy(plain_peft_folder, tmp_path / "x", **{option: value})
+    model = tiny_llama()
+    before = state(model)
+    with pytest.raises(PeftFormatError, match=rf"{option}={value!r} is invalid; PEFT writes true or false"):
+        lorakit.load(model, folder)
+    assert_same_state(model, before)
+
+
 @pytest.mark.parametrize("init", ["olora", "corda", "lora_ga", "mica", "pissa_niter_4"])
 def test_unsupported_peft_inits_are_named(tmp_path, plain_peft_folder, init):
     folder = edited_copy(plain_peft_folder, tmp_path / "x", init_lora_weights=init)
@@ -310,6 +322,30 @@ def test_loftq_adapter_records_its_base(loftq_saved):
     cfg = json.loads((exported / "adapter_config.json").read_text())
     assert cfg["loftq_config"] == {"loftq_bits": 4, "loftq_iter": 1}
     assert cfg["init_lora_weights"] is True  # PEFT must not re-run LoftQ when it loads the folder
+
+
+@pytest.mark.parametrize("fmt", ["lorakit", "peft"])
+def test_loftq_with_several_iterations_is_never_put_on_a_fresh_quantisation(tmp_path, fmt):
+    # with loftq_iter > 1 the fitted base is NF4(W - s·BA), not NF4(W): quantize_for_adapter (the fix the load
+    # error names, and what lorakit predict/export run) used to build NF4(W) and the adapter then loaded on it with
+    # outputs off by ~5e-2, without a word
+    from lorakit.quant import load_quantized, quantize_for_adapter, save_quantized
+
+    model = tiny_llama()
+    lorakit.attach(model, AdapterConfig(r=4, alpha=8, init="loftq", loftq_iter=3, targets=["q_proj", "v_proj"],
+                                        seed=0))
+    expected = logits(model)
+    folder = lorakit.save(model, tmp_path / "adapter", format=fmt)
+    fresh = tiny_llama()
+    before = state(fresh)
+    with pytest.raises(ValueError, match=r"loftq_iter=3.*not a fresh quantisation.*save_quantized"):
+        quantize_for_adapter(fresh, folder)
+    assert_same_state(fresh, before)
+    # the way that works: the base LoftQ computed, kept with its adapter
+    backbone = save_quantized(model, tmp_path / "backbone")
+    restored = load_quantized(tiny_llama(), backbone)
+    assert quantize_for_adapter(restored, folder) == []  # already 4-bit: nothing to do, no error
+    assert torch.equal(logits(restored), expected)
 
 
 def test_peft_loftq_folder_refuses_full_precision_and_loads_on_nf4(tmp_path):

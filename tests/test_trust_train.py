@@ -237,6 +237,46 @@ def test_a_corrupt_explicit_checkpoint_or_no_intact_one_is_a_clear_error(tmp_pat
 
 
 # -- item 4: resumed logs have no duplicated rows -------------------------------------------------------------------
+def test_a_checkpoint_with_non_finite_state_is_skipped_like_a_corrupt_one(tmp_path):
+    # a NaN/inf optimiser moment reads back fine as safetensors; resuming from it used to turn the adapter into NaN
+    # at the next step and then write that NaN state as "the last completed" checkpoint
+    from safetensors.torch import save_file
+
+    full = run(tmp_path / "full")
+    out = tmp_path / "run"
+    run(out, save_every=1, keep_last=8)
+    state_file = out / "ckpt-8" / "state.safetensors"
+    tensors = load_file(str(state_file))
+    moment = next(k for k, t in tensors.items() if t.is_floating_point() and t.dim() > 0)
+    tensors[moment].view(-1)[0] = float("inf")
+    save_file(tensors, str(state_file))
+    with pytest.warns(UserWarning, match=r"ckpt-8.*non-finite"):
+        resumed = run(out, resume=str(out))
+    assert resumed.losses == full.losses
+    assert all(torch.isfinite(t).all() for t in load_file(str(out / "adapter" / "lorakit_weights.safetensors")).values())
+
+
+def test_a_non_finite_training_state_is_never_written_as_a_checkpoint(tmp_path):
+    # the loss and the gradient stay finite, but the update makes the adapter NaN (here: a NaN optimiser moment):
+    # the checkpoint of that step must not be written as a good one
+    def poisoned_step(model, batch):
+        loss = mse(model, batch)
+        if poisoned_step.calls == 3:
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).view(-1)[0] = float("nan")
+        poisoned_step.calls += 1
+        return loss
+
+    poisoned_step.calls = 0
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError):
+        run(out, loss_fn=poisoned_step, save_every=1, keep_last=8)
+    assert not (out / "adapter").exists()
+    for folder in out.glob("ckpt-*"):
+        for file in folder.rglob("*.safetensors"):
+            assert all(torch.isfinite(t).all() for t in load_file(str(file)).values() if t.is_floating_point()), file
+
+
 def test_resume_drops_log_rows_after_the_checkpoint(tmp_path):
     full = run(tmp_path / "full", eval_every=2)
     out = tmp_path / "run"

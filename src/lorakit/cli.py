@@ -469,6 +469,9 @@ def _message(exc: BaseException) -> tuple[int, str]:
     if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
         return 2, (f"error: out of memory ({text}); lower train.batch_size or max_length, or set "
                    f"train.gradient_checkpointing=true")
+    if isinstance(exc, FileExistsError) and exc.filename and Path(exc.filename).is_file():
+        return 2, (f"error: {str(exc.filename)!r} is a file, where lorakit needs a folder to write into; pass "
+                   f"another path (the file was left as it is)")
     if isinstance(exc, UnicodeDecodeError):  # a ValueError without a path
         return 2, f"error: {where} is not UTF-8 text ({text}); save it as UTF-8"
     if isinstance(exc, _known_errors()):
@@ -477,23 +480,67 @@ def _message(exc: BaseException) -> tuple[int, str]:
                f"report it)")
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as errors are shown: one line on stderr (with --debug, Python's format: where it was raised)."""
+    if _DEBUG["on"]:
+        sys.stderr.write(f"{filename}:{lineno}: {category.__name__}: {message}\n")
+        return
+    typer.echo(f"warning: {_one_line(str(message))}", err=True)
+
+
+def _click_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(click's exception base classes, its no-arguments-help classes): click's and typer's vendored copy."""
+    bases: list[type[BaseException]] = []
+    helps: list[type[BaseException]] = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            found = __import__(module, fromlist=["ClickException"])
+        except ImportError:
+            continue
+        bases.append(found.ClickException)
+        if hasattr(found, "NoArgsIsHelpError"):
+            helps.append(found.NoArgsIsHelpError)
+    return tuple(bases), tuple(helps)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``lorakit`` command.
 
     Any exception becomes one line on stderr: ``error: ...`` (exit code 2) for bad input, ``internal error: ...``
     (exit code 1) for anything unexpected; ``--debug`` before the command re-raises it with its traceback.
     """
+    import warnings
+
+    usage_errors, no_args_help = _click_errors()
     _DEBUG["on"] = False
     _reading()
+    python_format = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     try:
-        app(args=argv, standalone_mode=True)
+        # not standalone: click's usage errors come here, to be said in one line like every other error
+        code = app(args=argv, prog_name="lorakit", standalone_mode=False)
     except SystemExit:
         raise
-    except Exception as exc:  # KeyboardInterrupt is click's (it prints "Aborted!")
+    except usage_errors as exc:
+        if isinstance(exc, no_args_help):
+            exc.show()  # `lorakit` or `lorakit train` alone: the help text, as before
+            sys.exit(exc.exit_code)
+        context = getattr(exc, "ctx", None)
+        where = f" (see '{context.command_path} --help')" if context is not None else ""
+        typer.echo(f"error: {_one_line(exc.format_message())}{where}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("Aborted!", err=True)
+        sys.exit(1)
+    except Exception as exc:  # KeyboardInterrupt is typer's (exit code 130)
         if _DEBUG["on"]:
             raise
         code, line = _message(exc)
         typer.echo(line, err=True)
+        sys.exit(code)
+    finally:
+        warnings.showwarning = python_format
+    if isinstance(code, int) and code:  # click's Exit(n), e.g. 130 after Ctrl-C
         sys.exit(code)
 
 

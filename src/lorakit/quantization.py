@@ -139,12 +139,14 @@ def quantize(model: nn.Module, bits: int = 4, double_quant: bool = True, compute
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"quantize(compute_dtype={compute_dtype}) is invalid; allowed: torch.float32, "
                          "torch.bfloat16, torch.float16")
+    if not isinstance(double_quant, bool):
+        raise ValueError(f"quantize(double_quant={double_quant!r}) is invalid; allowed: True or False")
     if skip is None:
         skip = DEFAULT_SKIP
     else:
         if isinstance(skip, str):
             skip = (skip,)
-        if not all(isinstance(s, str) for s in skip):
+        if not isinstance(skip, (list, tuple, set, frozenset)) or not all(isinstance(s, str) for s in skip):
             raise ValueError(f"quantize(skip={skip!r}) must be a sequence of module names or regexes")
         _check_skip(model, skip)
     targets = _quant_targets(model, skip)
@@ -439,8 +441,9 @@ def quantize_for_adapter(model: torch.nn.Module, folder: str | os.PathLike,
     (NF4, block 64, no double quantisation), computing in ``compute_dtype`` (default: the layers' own dtype).
     A PEFT LoftQ folder (``init_lora_weights: "loftq"`` or a ``loftq_config``) gets its LoRA layers quantised the
     same way. Layers already 4-bit and other folders are left alone, so :func:`lorakit.load` then explains any
-    mismatch. With ``loftq_iter > 1`` the LoftQ backbone is not a fresh quantisation of the base: keep that one
-    with :func:`save_quantized` instead. Used by ``lorakit predict``/``export``.
+    mismatch. With ``loftq_iter > 1`` the LoftQ backbone is not a fresh quantisation of the base, so a layer that
+    would have to be quantised here raises ValueError (before any change) pointing at :func:`save_quantized` /
+    :func:`load_quantized`. Used by ``lorakit predict``/``export``.
 
     Example:
         >>> import tempfile, lorakit
@@ -460,13 +463,16 @@ def quantize_for_adapter(model: torch.nn.Module, folder: str | os.PathLike,
     except (ValueError, KeyError, TypeError, AttributeError, OSError):
         return []  # lorakit.load reports the broken folder
     wanted: dict[str, dict] = {}
+    iterations: dict[str, int] = {}
     for entry in entries:
         if not isinstance(entry, dict):
             continue
         base = _required_base(entry)
         if isinstance(base, dict) and base.get("quant_type") == "nf4":
+            loftq_iter = (entry.get("config") or {}).get("loftq_iter", 1)
             for path in entry.get("layers") or []:
                 wanted[path] = base
+                iterations[path] = loftq_iter if isinstance(loftq_iter, int) else 1
     todo = []
     for path, base in wanted.items():
         try:
@@ -474,6 +480,13 @@ def quantize_for_adapter(model: torch.nn.Module, folder: str | os.PathLike,
         except AttributeError:
             continue  # lorakit.load names the missing module
         if isinstance(module, torch.nn.Linear):
+            if iterations[path] > 1:  # its backbone is NF4(W - s·BA) after the alternations, not NF4(W)
+                raise ValueError(
+                    f"{folder}: this LoftQ adapter was fitted with loftq_iter={iterations[path]}, so the 4-bit base "
+                    f"it needs is the one LoftQ computed, not a fresh quantisation of {path} (that would silently "
+                    f"give different outputs). Fix: keep that base with lorakit.quant.save_quantized(model, folder) "
+                    f"right after attaching LoftQ and load it with lorakit.quant.load_quantized, or refit with "
+                    f"loftq_iter=1, whose base is a fresh quantisation")
             todo.append((path, module, base))
     done = []
     settings = {(b.get("blocksize", 64), bool(b.get("double_quant", False))) for _, _, b in todo}

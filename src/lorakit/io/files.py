@@ -386,6 +386,35 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of ``tensors`` holding NaN or inf, or None if all are finite.
+
+    The one non-finite rule for what lorakit writes and reads (saves, checkpoints, loads).
+
+    Example:
+        >>> first_non_finite({"a": torch.zeros(2), "b": torch.tensor([1.0, float("nan")])})
+        'b'
+    """
+    for key, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            return key
+    return None
+
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Raise ValueError naming the tensor if ``tensors`` (about to be saved as ``what``) hold NaN/inf: lorakit
+    never writes what it refuses to load.
+
+    Example:
+        >>> refuse_non_finite({"a": torch.ones(2)}, "adapter 'default'")
+    """
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise ValueError(f"{what}: tensor {bad!r} holds non-finite values (NaN or inf), so nothing was written "
+                         f"(lorakit does not load such tensors). The training that produced it diverged: lower the "
+                         f"learning rate or go back to an earlier checkpoint")
+
+
 def read_safetensors(w_file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file; AdapterLoadError naming the file if it is corrupt or incomplete,
     or naming the tensor if it holds NaN/inf. Nothing is unpickled.
@@ -406,11 +435,11 @@ def read_safetensors(w_file: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     except (SafetensorError, ValueError, RuntimeError, TypeError) as err:
         raise AdapterLoadError(f"{w_file}: the file is corrupt or incomplete and cannot be read as safetensors "
                                f"({err}); save the adapter again or restore the file from a copy") from None
-    for key, t in tensors.items():
-        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
-            raise AdapterLoadError(f"{w_file}: tensor {key!r} holds non-finite values (NaN or inf); lorakit does not "
-                                   f"load them (the run that saved it diverged: lower the learning rate, or use an "
-                                   f"earlier checkpoint)")
+    key = first_non_finite(tensors)
+    if key is not None:
+        raise AdapterLoadError(f"{w_file}: tensor {key!r} holds non-finite values (NaN or inf); lorakit does not "
+                               f"load them (the run that saved it diverged: lower the learning rate, or use an "
+                               f"earlier checkpoint)")
     return tensors, file_meta
 
 

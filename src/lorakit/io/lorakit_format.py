@@ -35,7 +35,7 @@ from ..methods import get_method
 from ..model import check_adapter_name
 from ..registry import adapted_layers, adapter_entries, registry, saved_copy
 from .files import (SEP, AdapterLoadError, atomic_folder, check_save_target, full_tensor, interrupted_save,
-                    read_safetensors, write_new_file)
+                    read_safetensors, refuse_non_finite, write_new_file)
 from .loader import AdapterToLoad, check_dtype, choose_adapters, few_keys, install_adapters
 
 CONFIG_FILE = "lorakit_config.json"
@@ -98,6 +98,7 @@ def save_lorakit(model: nn.Module, path: str | os.PathLike, names: Sequence[str]
             "modules_to_save": reg.modules_to_save.get(name, []),
             "extra": reg.extra.get(name, {}),  # what the method recorded (the base it needs, reports)
         }
+    refuse_non_finite(tensors, f"save({str(path)!r})")  # before anything is written
 
     # one id in both files: a folder whose weights and config come from different saves is refused on load
     meta["save_id"] = uuid.uuid4().hex
@@ -146,6 +147,9 @@ def read_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torc
     weights file that is corrupt or incomplete, non-finite values, and weights and config from different saves.
     """
     folder = Path(path)
+    if folder.is_file():
+        raise NotADirectoryError(f"{str(folder)!r} is a file; pass the adapter folder (the one holding its "
+                                 f"config and weights files)")
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {str(folder)!r} does not exist")
     cfg_file, w_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE

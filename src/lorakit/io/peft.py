@@ -45,7 +45,8 @@ from ..methods.peft_lora import PEFT_MODEL_PREFIX
 # LoRA's PEFT init rules, kept importable here under their 0.1.0 names (lorakit.peft_format re-exports them)
 from ..methods.peft_lora import PEFT_UNSUPPORTED_INITS, peft_loftq_settings  # noqa: F401
 from ..registry import AdapterEntry, adapter_entries, registry, saved_copy
-from .files import SEP, AdapterLoadError, atomic_folder, check_save_target, interrupted_save, read_safetensors
+from .files import (SEP, AdapterLoadError, atomic_folder, check_save_target, interrupted_save, read_safetensors,
+                    refuse_non_finite)
 from .loader import AdapterToLoad, choose_adapters, install_adapters
 from .lorakit_format import CONFIG_FILE
 
@@ -53,6 +54,8 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PREFIX = PEFT_MODEL_PREFIX
 
+#: PEFT's boolean switches that lorakit reads (a string or number there is refused, not read as true)
+PEFT_SWITCHES = ("use_dora", "use_rslora", "fan_in_fan_out")
 #: PEFT LoRA options (adapter_config.json keys) that change what the adapter computes and that lorakit does not
 #: implement, with the PEFT feature each one turns on; a folder setting any of them (to a truthy value) is refused
 PEFT_LORA_FEATURES = {
@@ -137,6 +140,11 @@ def peft_to_lorakit(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], model
         raise PeftFormatError(f"{folder}/{PEFT_CONFIG}: peft_type={peft_type!r} is missing or not a string; "
                               f"lorakit reads PEFT's LORA (incl. DoRA/rsLoRA), VERA and ADALORA adapters")
     peft_type = peft_type.upper()
+    for switch in PEFT_SWITCHES:  # "yes" or 1 would be read as true: say what is wrong instead of a symptom
+        value = cfg.get(switch)
+        if value is not None and not isinstance(value, bool):
+            raise PeftFormatError(f"{folder}/{PEFT_CONFIG}: {switch}={value!r} is invalid; PEFT writes true or false "
+                                  f"there (fix or re-save the adapter with PEFT)")
     strategy = _peft_reader(peft_type, cfg)
     if strategy is None:
         raise PeftFormatError(f"{folder}: PEFT method {peft_type} (peft_type={cfg['peft_type']!r}) is not supported "
@@ -420,6 +428,8 @@ def save_peft(model: nn.Module, path: str | os.PathLike, names: Sequence[str], b
     if len(set(names)) != len(names):
         raise ValueError(f"save(format='peft') got repeated adapter names {names}")
     plans = [(name, _peft_payload(model, name)) for name in names]  # every check before anything is written
+    for name, (_, tensors) in plans:
+        refuse_non_finite(tensors, f"save({str(path)!r}, format='peft') of adapter {name!r}")
     folder = Path(path)
     check_save_target(folder, "peft", CONFIG_FILE, "lorakit")
     written = {folder if len(plans) == 1 or name == "default" else folder / name for name, _ in plans}

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..io import atomic_folder, read_folder, remove_stale_temporaries as remove_stale_in
+from ..io.files import first_non_finite, refuse_non_finite
 
 TENSOR_MARK = "__tensor__"
 #: the parts every checkpoint has (written by the trainer)
@@ -82,6 +83,7 @@ def write_checkpoint(folder: Path, parts: dict[str, Any], adapter_writer) -> Pat
     def write(tmp: Path) -> None:
         tensors: dict[str, torch.Tensor] = {}
         meta = {name: flatten_state(value, tensors) for name, value in parts.items()}
+        refuse_non_finite(tensors, f"checkpoint {folder}")
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta))
         adapter_writer(tmp / "adapter")
@@ -102,6 +104,9 @@ def read_checkpoint(folder: Path) -> dict[str, Any]:
                                 "ckpt-<step> folder or at the run's output folder")
     try:
         tensors = load_file(str(folder / "state.safetensors"))
+        bad = first_non_finite(tensors)
+        if bad is not None:  # reads back fine, but resuming from it would turn the adapter into NaN
+            raise ValueError(f"state.safetensors: tensor {bad!r} holds non-finite values (NaN or inf)")
         meta = json.loads((folder / "state.json").read_text())
         if not isinstance(meta, dict) or any(part not in meta for part in REQUIRED_PARTS):
             raise ValueError(f"state.json lacks one of {', '.join(REQUIRED_PARTS)}")
@@ -119,7 +124,9 @@ def _read_adapter(folder: Path) -> None:
     """Read the checkpoint's adapter files completely (lorakit format or the trainer's trainable tensors)."""
     trainable = folder / "trainable.safetensors"
     if trainable.exists():
-        load_file(str(trainable))
+        bad = first_non_finite(load_file(str(trainable)))
+        if bad is not None:
+            raise ValueError(f"{trainable.name}: tensor {bad!r} holds non-finite values (NaN or inf)")
     else:
         read_folder(folder)
 

@@ -33,7 +33,8 @@ from typing import Any, Mapping, Sequence
 
 from ..assets import minilm_path, smollm2_path
 from ..config import AdapterConfig, coerce_field, is_int
-from ..io import CONFIG_FILE, WEIGHTS_FILE, AdapterLoadError, load, read_folder
+from ..io import CONFIG_FILE, WEIGHTS_FILE, AdapterLoadError, load, read_folder, read_safetensors
+from ..methods.peft_lora import peft_number
 from ..model import attach, unload
 from ..quantization import quantize, quantize_for_adapter
 from . import data as data_mod
@@ -151,7 +152,8 @@ class JobConfig:
 # Models
 # ---------------------------------------------------------------------------------------------------------------
 def resolve_model_path(model: str) -> str:
-    """A local folder, or an embedded default name (fetched and cached by :mod:`lorakit.assets`)."""
+    """A local folder (as an absolute path), or an embedded default name (fetched and cached by
+    :mod:`lorakit.assets`)."""
     if model == "minilm":
         return str(minilm_path())
     if model == "smollm2":
@@ -159,7 +161,8 @@ def resolve_model_path(model: str) -> str:
     if not Path(model, "config.json").exists():
         raise FileNotFoundError(f"model {model!r} is not a transformers folder (no config.json); pass a local "
                                 f"folder saved with save_pretrained, or 'minilm' / 'smollm2'")
-    return model
+    # absolute: what a run records (lorakit_run.json) must name this folder from any working directory
+    return str(Path(model).absolute())
 
 
 def detect_task(path: str) -> str:
@@ -170,8 +173,13 @@ def detect_task(path: str) -> str:
     return "lm" if "CausalLM" in archs or "LMHead" in archs else "classification"
 
 
-def load_base(path: str, task: str, num_labels: int | None = None, dtype: str = "float32"):
-    """(model, tokenizer) loaded offline with transformers ``from_pretrained``."""
+def load_base(path: str, task: str, num_labels: int | None = None, dtype: str = "float32",
+              labels_from: str | None = None):
+    """(model, tokenizer) loaded offline with transformers ``from_pretrained``.
+
+    A classifier whose saved head was trained for another number of labels than ``num_labels`` (those of
+    ``labels_from``, the data) is refused with one clear ValueError instead of transformers' report and
+    RuntimeError."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -184,8 +192,23 @@ def load_base(path: str, task: str, num_labels: int | None = None, dtype: str = 
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels or 2,
-                                                                   dtype=torch_dtype)
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its size-mismatch report is a table of many lines; we say it in one
+        try:
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels or 2, dtype=torch_dtype, ignore_mismatched_sizes=True,
+                output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        mismatched = sorted(loading.get("mismatched_keys") or [], key=lambda item: str(item[0]))
+        if mismatched:
+            key, saved_shape = mismatched[-1][0], tuple(mismatched[-1][1])  # "...weight" sorts after "...bias"
+            raise ValueError(f"model {path!r} has a trained classification head ({key} is {saved_shape}: "
+                             f"{saved_shape[0]} labels), but {labels_from or 'the adapter'} has {num_labels or 2} "
+                             f"labels; use data with those {saved_shape[0]} labels, or a model without a trained head "
+                             f"(its base encoder, saved without the classifier)")
         if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
             model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -229,7 +252,8 @@ def run_job(job: JobConfig) -> dict[str, Any]:
     if how != "given":
         job = dataclasses.replace(job, adapter={**job.adapter, "seed": seed})  # recorded in job.yaml and the adapter
     labels = data_mod.label_names(records) if fmt == "classification" else None
-    model, tokenizer = load_base(path, task, num_labels=len(labels) if labels else None)
+    model, tokenizer = load_base(path, task, num_labels=len(labels) if labels else None,
+                                 labels_from=f"data {job.data!r}")
     if labels:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {v: k for k, v in enumerate(labels)}
@@ -307,6 +331,9 @@ def _recorded_seed(resume: Path) -> int | None:
 # ---------------------------------------------------------------------------------------------------------------
 def _run_info(adapter: str | os.PathLike, model: str | None, default_task: str | None = None) -> dict[str, Any]:
     folder = Path(adapter)
+    if folder.is_file():
+        raise NotADirectoryError(f"{str(folder)!r} is a file; pass the adapter folder (the one holding its "
+                                 f"config and weights files)")
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {str(folder)!r} does not exist")
     info_file = folder / RUN_FILE
@@ -412,7 +439,12 @@ def describe_adapter(adapter: str | os.PathLike) -> str:
         if not weights.is_file():
             raise AdapterLoadError(f"{folder} has no adapter_model.safetensors (lorakit never reads "
                                    f"adapter_model.bin, a pickle); save the adapter with safe_serialization=True")
-        n = _count_safetensors(weights)
+        tensors, _ = read_safetensors(weights)  # corrupt or NaN/inf: refused as load refuses it
+        n = sum(t.numel() for t in tensors.values())
+        if "r" in cfg:
+            peft_number(cfg, "r", 8, folder)
+        if "lora_alpha" in cfg:
+            peft_number(cfg, "lora_alpha", 8, folder, float, 0)
         return (f"PEFT adapter at {folder}\n  peft_type: {cfg.get('peft_type')}  r: {cfg.get('r')}  "
                 f"alpha: {cfg.get('lora_alpha')}\n  targets: {cfg.get('target_modules')}\n  parameters: {n:,}")
     try:
@@ -455,18 +487,6 @@ def _safetensors_error() -> type[Exception]:
     from safetensors import SafetensorError
 
     return SafetensorError
-
-
-def _count_safetensors(path: Path) -> int:
-    """Number of values in a safetensors file, read from its header only (nothing is unpickled)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
-    except _safetensors_error() as exc:
-        raise AdapterLoadError(f"{path}: the file is corrupt or incomplete and cannot be read as safetensors "
-                               f"({exc}); save the adapter again or restore the file from a copy") from None
 
 
 def _read_json_object(path: Path, what: str, error: type[ValueError] | None = None) -> dict[str, Any]:
@@ -514,13 +534,6 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
 def _yaml_loader():
     """PyYAML's safe loader, also reading ``1e-4`` as a float (YAML 1.2; YAML 1.1 would give the string)."""
     import re
@@ -528,7 +541,25 @@ def _yaml_loader():
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            # PyYAML keeps the last of two equal keys; a config that says a thing twice is refused instead
+            # (merge keys, "<<: *defaults", may still be overridden: they are not compared)
+            if isinstance(node, yaml.MappingNode):
+                first_line: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        repeated = key in first_line
+                    except TypeError:  # an unhashable key: the constructor below reports it
+                        continue
+                    if repeated:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} appears twice (first on line {first_line[key]}); the second "
+                            f"would silently replace the first: keep one", key_node.start_mark)
+                    first_line[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                                  re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..config import coerce_field
 from ..io import atomic_folder, atomic_write_text, full_tensor, restore, save as save_adapters
+from ..io.files import refuse_non_finite
 from ..optim import OPTIMIZERS, canonical_optimizer_name, make_optimizer
 from ..registry import adapted_layers, registry_or_none
 from . import checkpoint as ckpt
@@ -392,6 +393,12 @@ class Trainer:
                 f"train.lr (now {cfg.lr}); keep train.max_grad_norm set (now {cfg.max_grad_norm}); with bf16/fp16 "
                 f"overflow try train.bf16=false or a float32 base model; check this step's data")
 
+    def _non_finite_state_message(self, step: int, name: str | None) -> str:
+        return (f"step {step}: the trained parameters hold non-finite values (NaN or inf) after the update "
+                f"({name or 'on another rank'}), although the loss and gradient norm were finite; no checkpoint or "
+                f"adapter was written from this state. Fixes: lower train.lr (now {self.config.lr}); resume from an "
+                f"earlier checkpoint; check the optimizer state of the checkpoint this run resumed from")
+
     def _checkpoint_on_error(self, err: BaseException, phase: str, step: int, start: int, buffers_changed: bool,
                              rng: dict[str, Any], model: nn.Module, optimizer, scheduler, hooks) -> None:
         """After an exception: checkpoint the last completed step if that state is provably intact (see class doc)."""
@@ -410,6 +417,8 @@ class Trainer:
         elif step == start or (out / f"ckpt-{step}").is_dir() and f"ckpt-{step}" not in self._bad_checkpoints:
             print(f"{what}; {keep}", file=sys.stderr)  # nothing newer to save
             return
+        elif _non_finite_parameter(model) is not None:  # a finite loss can still be followed by a NaN update
+            why = f"and the state after step {step} already holds NaN/inf parameters"
         else:
             try:
                 folder = self._save(step, model, optimizer, scheduler, hooks, rng=rng, collective=False)
@@ -522,6 +531,9 @@ class Trainer:
         save = _adapter_writer(model)
         out = Path(self.config.output_dir)
         folder = out / f"ckpt-{step}"
+        bad = _non_finite_parameter(model)
+        if dist_utils.any_rank(bad is not None, self.info) if collective else bad is not None:
+            raise NonFiniteLossError(self._non_finite_state_message(step, bad))
         # Under FSDP every rank takes part in gathering the shards (same order everywhere); only rank 0 writes.
         sharded = collective and dist_utils.is_sharded(model)
         if not collective and not self.info.is_main:
@@ -663,6 +675,7 @@ def _save_trainable(model: nn.Module, path: Path, write_files: bool = True) -> P
 
     tensors = {n: full_tensor(p).detach().cpu().contiguous().clone() for n, p in model.named_parameters()
                if p.requires_grad}
+    refuse_non_finite(tensors, f"save({str(path)!r})")
     if write_files:
         atomic_folder(Path(path), lambda folder: save_file(tensors, str(folder / TRAINABLE_FILE)))
     return Path(path)
@@ -682,6 +695,16 @@ def _refuse_merged(model: nn.Module) -> None:
         names = ", ".join(repr(n) for n in merged)
         raise ValueError(f"adapter {names} is merged into the base weights; call lorakit.unmerge(model) before "
                          "training")
+
+
+def _non_finite_parameter(model: nn.Module) -> str | None:
+    """The name of the first trainable parameter (this rank's part) holding NaN/inf, or None."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.is_floating_point():
+            local = p.to_local() if hasattr(p, "to_local") else p  # FSDP2: this rank's shard
+            if not bool(torch.isfinite(local.detach()).all()):
+                return name
+    return None
 
 
 def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
