@@ -61,7 +61,8 @@ cfg = TrainConfig(steps=steps, batch_size=4, lr=2e-2, warmup_steps=2, schedule="
                   log_every=1, eval_every=5, progress=False, output_dir=out,
                   resume=out if mode == "resume" else None)
 result = Trainer(net, cfg, data, eval_data=data[:8], loss_fn=loss_fn).train()
-Path(out, "result.json").write_text(json.dumps({"losses": result.losses, "interrupted": result.interrupted}))
+Path(out, "result.json").write_text(json.dumps({"losses": result.losses, "interrupted": result.interrupted,
+                                                "stop_signal": result.stop_signal}))
 '''
 
 
@@ -174,11 +175,43 @@ def test_sigkill_during_a_checkpoint_write_then_sigterm_then_resume(tmp_path, re
     proc = start(tmp_path, out, "resume")
     wait_for(lambda: last_logged(out) >= 12, proc)
     proc.send_signal(signal.SIGTERM)
-    err = finish(proc)
+    err = finish(proc)  # the library returns (the `lorakit train` command exits 143: the test below)
     assert "SIGTERM" in err and "--resume" in err
-    assert json.loads((out / "result.json").read_text())["interrupted"]
+    stopped = json.loads((out / "result.json").read_text())
+    assert stopped["interrupted"] and stopped["stop_signal"] == signal.SIGTERM
     assert checkpoints(out)[-1] == last_logged(out)  # the step it was in was finished and checkpointed
     assert hidden(out) == [] and not (out / "adapter").exists()
 
     finish(start(tmp_path, out, "resume"))
     assert_same_as(reference, out)
+
+
+def test_lorakit_train_stopped_by_sigterm_exits_143_then_resumes(tmp_path, tiny_classifier_folder):
+    """The real command: a scheduler's SIGTERM checkpoints, prints the result and the resume line, then exits
+    128 + 15 so `lorakit train ... && lorakit export ...` does not go on; the resume finishes with 0."""
+    model_dir, data = tiny_classifier_folder
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, "-m", "lorakit.cli", "train", "--model", str(model_dir), "--data", str(data),
+            "--output-dir", str(out), "--steps", "100000", "--r", "2", "--set", "train.progress=false",
+            "--set", "train.batch_size=4", "--set", "train.log_every=1", "--set", "adapter.seed=0"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while last_logged(out) < 2:  # the stop handlers are installed: training is running
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    summary = json.loads(stdout)
+    assert summary["interrupted"] and summary["stop_signal"] == "SIGTERM"
+    assert f"--resume {out}" in stderr and "Traceback" not in stderr
+    stopped_at = checkpoints(out)[-1]
+    assert stopped_at == summary["steps"] and not (out / "adapter").exists()
+
+    argv[argv.index("100000")] = str(stopped_at + 2)
+    done = subprocess.run(argv + ["--resume", str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["stop_signal"] is None and (out / "adapter").is_dir()

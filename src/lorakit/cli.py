@@ -165,6 +165,10 @@ def train(
         return
     result = run_job(job)
     typer.echo(json.dumps(result, indent=2))
+    if result.get("stop_signal"):  # checkpointed, not finished: `train ... && export ...` must not go on
+        import signal
+
+        raise typer.Exit(128 + signal.Signals[result["stop_signal"]].value)
 
 
 # ---------------------------------------------------------------------------------------------------------------

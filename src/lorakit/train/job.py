@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,7 +285,9 @@ def run_job(job: JobConfig) -> dict[str, Any]:
             {"model": path, "task": task, "labels": labels, "max_length": job.max_length}, indent=2))
     return {"output_dir": str(out), "adapter": str(out / "adapter"), "steps": len(result.losses),
             "final_loss": result.losses[-1] if result.losses else None, "eval": result.final_eval,
-            "seconds_per_step": result.seconds_per_step, "interrupted": result.interrupted, "adapter_seed": seed}
+            "seconds_per_step": result.seconds_per_step, "interrupted": result.interrupted, "adapter_seed": seed,
+            # which signal stopped the run (the CLI exits 128 + its number, as a shell does), None if none did
+            "stop_signal": signal.Signals(result.stop_signal).name if result.stop_signal else None}
 
 
 def _adapter_seed(job: JobConfig, train_cfg: Any) -> tuple[int, str]:

@@ -121,6 +121,7 @@ class TrainResult:
     peak_memory_bytes: int = 0
     interrupted: bool = False
     output_dir: str | None = None
+    stop_signal: int | None = None  # the signal (SIGINT, SIGTERM) that stopped an interrupted run; None otherwise
 
     @property
     def seconds_per_step(self) -> float:
@@ -631,6 +632,7 @@ class Trainer:
                     raise KeyboardInterrupt
                 raise SystemExit(128 + signum)
             self._stop_requested = True
+            self.result.stop_signal = int(signum)
             self._stop_signal = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             print(f"\n{self._stop_signal}: finishing this step and saving a checkpoint (send it again to stop "
                   "at once)", file=sys.stderr)
