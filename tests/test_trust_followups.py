@@ -36,3 +36,43 @@ def test_train_stopped_by_a_signal_exits_128_plus_the_signal(trained, capsys, mo
     summary = json.loads(out)
     assert summary["interrupted"] and summary["stop_signal"] == name  # the result is printed before the exit
     assert f"--resume {out_dir}" in err and (out_dir / "ckpt-1").is_dir() and not (out_dir / "adapter").exists()
+
+
+# -- job.yaml, train_config.json and adapter/lorakit_run.json are written atomically --------------------------------------------------
+@pytest.mark.parametrize("victim", ["job.yaml", "lorakit_run.json", "train_config.json"])
+def test_a_failing_run_file_write_leaves_the_old_file_whole(trained, capsys, monkeypatch, victim):
+    """The disk fills up half way through writing a run file: the previous file stays as it was, and no partial
+    file (of any name) is left next to it."""
+    import errno
+    import pathlib
+
+    from lorakit.io import files
+
+    model_dir, data, out_dir = trained
+    target = out_dir / "adapter" / victim if victim == "lorakit_run.json" else out_dir / victim
+    before = target.read_bytes()
+    neighbours = sorted(p.name for p in target.parent.iterdir())
+
+    def disk_full(path, data: bytes, write_half):
+        if os.path.basename(path) == victim or os.path.basename(path).startswith(f".{victim}"):
+            write_half(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return None
+
+    write_text, write_new_file = pathlib.Path.write_text, files.write_new_file
+
+    def failing_write_text(self, text, *args, **kwargs):
+        disk_full(self, text.encode(), lambda half: write_text(self, half.decode(errors="ignore"), *args, **kwargs))
+        return write_text(self, text, *args, **kwargs)
+
+    def failing_write_new_file(path, data):
+        disk_full(path, data, lambda half: write_new_file(path, half))
+        return write_new_file(path, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", failing_write_text)
+    monkeypatch.setattr(files, "write_new_file", failing_write_new_file)
+    code, _, err = run(train_argv(model_dir, data, out_dir, "--steps", "3", "--r", "2", "--resume", str(out_dir)),
+                       capsys)
+    assert code != 0 and "No space left" in err and "Traceback" not in err
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in target.parent.iterdir()) == neighbours

@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 
 from ..assets import minilm_path, smollm2_path
 from ..config import AdapterConfig, coerce_field, is_int
-from ..io import CONFIG_FILE, WEIGHTS_FILE, AdapterLoadError, load, read_folder, read_safetensors
+from ..io import CONFIG_FILE, WEIGHTS_FILE, AdapterLoadError, atomic_write_text, load, read_folder, read_safetensors
 from ..methods.peft_lora import peft_number
 from ..model import attach, unload
 from ..quantization import quantize, quantize_for_adapter
@@ -275,13 +275,13 @@ def run_job(job: JobConfig) -> dict[str, Any]:
                       task="classification" if task == "classification" else "lm")
     if trainer.info.is_main:  # under torchrun every rank runs this function; one writes
         out.mkdir(parents=True, exist_ok=True)
-        (out / "job.yaml").write_text(job.to_yaml())
+        atomic_write_text(out / "job.yaml", job.to_yaml())  # a crash never leaves half a job.yaml
         if how == "drawn":
             print(f"adapter.seed was not set: drew adapter.seed={seed} (recorded in {out / 'job.yaml'} and the "
                   f"adapter's config); --set adapter.seed={seed} repeats this run", file=sys.stderr)
     result = trainer.train()
     if trainer.info.is_main and not result.interrupted:  # an interrupted run saved a checkpoint, not adapter/
-        (out / "adapter" / RUN_FILE).write_text(json.dumps(
+        atomic_write_text(out / "adapter" / RUN_FILE, json.dumps(
             {"model": path, "task": task, "labels": labels, "max_length": job.max_length}, indent=2))
     return {"output_dir": str(out), "adapter": str(out / "adapter"), "steps": len(result.losses),
             "final_loss": result.losses[-1] if result.losses else None, "eval": result.final_eval,

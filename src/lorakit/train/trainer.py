@@ -304,7 +304,7 @@ class Trainer:
                 # rows of steps after the checkpoint would be logged twice (and the final eval, when the
                 # checkpoint is the last step's: it runs again)
                 _trim_logs(out, start, final_eval=start >= cfg.steps)
-            (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         batches = self._batch_indices(start)
         bar = self._progress(start)
         previous_handlers = self._install_stop_handlers()
