@@ -38,7 +38,7 @@ def test_train_stopped_by_a_signal_exits_128_plus_the_signal(trained, capsys, mo
     assert f"--resume {out_dir}" in err and (out_dir / "ckpt-1").is_dir() and not (out_dir / "adapter").exists()
 
 
-# -- job.yaml, train_config.json and adapter/lorakit_run.json are written atomically --------------------------------------------------
+# -- job.yaml, train_config.json and adapter/lorakit_run.json are written atomically -------------------------------
 @pytest.mark.parametrize("victim", ["job.yaml", "lorakit_run.json", "train_config.json"])
 def test_a_failing_run_file_write_leaves_the_old_file_whole(trained, capsys, monkeypatch, victim):
     """The disk fills up half way through writing a run file: the previous file stays as it was, and no partial
@@ -76,3 +76,58 @@ def test_a_failing_run_file_write_leaves_the_old_file_whole(trained, capsys, mon
     assert code != 0 and "No space left" in err and "Traceback" not in err
     assert target.read_bytes() == before
     assert sorted(p.name for p in target.parent.iterdir()) == neighbours
+
+
+# -- --resume writes into the run it resumes ------------------------------------------------------------------------
+def resume_argv(model_dir, data, resume, *extra):
+    return ["train", "--model", str(model_dir), "--data", str(data), "--set", "train.progress=false",
+            "--set", "train.batch_size=8", "--r", "2", "--resume", str(resume), *extra]
+
+
+@pytest.mark.parametrize("point_at", ["run folder", "checkpoint folder"])
+def test_resume_continues_in_the_run_it_resumes(trained, tmp_path, capsys, monkeypatch, point_at):
+    import yaml
+
+    model_dir, data, out_dir = trained
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the default output folder (runs/train) would be here
+    seed = yaml.safe_load((out_dir / "job.yaml").read_text())["adapter"]["seed"]
+    resume = out_dir if point_at == "run folder" else out_dir / "ckpt-2"
+    code, out, err = run(resume_argv(model_dir, data, resume, "--steps", "4"), capsys)
+    assert code == 0, err
+    assert json.loads(out)["output_dir"] == str(out_dir) and (out_dir / "ckpt-4").is_dir()
+    assert list(elsewhere.iterdir()) == []  # nothing written to runs/train
+    assert yaml.safe_load((out_dir / "job.yaml").read_text())["adapter"]["seed"] == seed  # the recorded seed
+    steps = [r["step"] for r in map(json.loads, (out_dir / "log.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]
+    assert steps == sorted(set(steps)) and 2 in steps and steps[-1] == 4  # the run's own log goes on
+
+
+def test_resume_into_another_output_dir_is_refused_naming_both(trained, tmp_path, capsys):
+    model_dir, data, out_dir = trained
+    other = tmp_path / "other"
+    before = sorted(p.name for p in out_dir.iterdir())
+    code, _, err = run(resume_argv(model_dir, data, out_dir, "--steps", "4", "--output-dir", str(other)), capsys)
+    one_line_error(code, err)
+    assert str(out_dir) in err and str(other) in err and "--output-dir" in err
+    assert not other.exists() and sorted(p.name for p in out_dir.iterdir()) == before
+
+
+def test_resume_checks_still_apply_without_output_dir(trained, tmp_path, capsys, monkeypatch):
+    model_dir, data, out_dir = trained
+    monkeypatch.chdir(tmp_path)
+    job_yaml = (out_dir / "job.yaml").read_bytes()
+    code, _, err = run(resume_argv(model_dir, data, out_dir, "--steps", "4", "--set", "train.optimizer=sgd"), capsys)
+    one_line_error(code, err)
+    assert "optimizer" in err and not (tmp_path / "runs").exists()
+    assert (out_dir / "job.yaml").read_bytes() == job_yaml  # the refused resume did not rewrite the run's record
+
+
+def test_dry_run_of_a_resume_shows_the_run_folder(trained, capsys):
+    import yaml
+
+    model_dir, data, out_dir = trained
+    code, out, err = run(resume_argv(model_dir, data, out_dir / "ckpt-2", "--dry-run"), capsys)
+    assert code == 0, err
+    assert yaml.safe_load(out)["output_dir"] == str(out_dir)

@@ -119,11 +119,13 @@ class JobConfig:
                 merged[key] = {**merged[key], **value} if key == "train" else dict(value)
             else:
                 merged[key] = value
+        explicit_output = "output_dir" in raw or "output_dir" in (raw.get("train") or {})
         for item in overrides:
             if not isinstance(item, str) or "=" not in item:
                 raise ValueError(f"override {item!r} is invalid; write key=value, e.g. adapter.r=16")
             key, text = item.split("=", 1)
             key = key.strip()
+            explicit_output = explicit_output or key in ("output_dir", "train.output_dir")
             value = _parse_value(text)
             if key in PATH_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
                 value = text.strip()  # a folder named 123 is a name, not a number
@@ -138,6 +140,9 @@ class JobConfig:
                 merged[section] = value
             else:
                 raise ValueError(f"unknown config key {section!r}; allowed: {', '.join(sorted(top))}")
+        resume = merged["train"].get("resume") if isinstance(merged["train"], dict) else None
+        if isinstance(resume, str) and resume.strip() and not explicit_output:
+            merged["output_dir"] = str(resumed_run_folder(resume))  # a resume goes on in the run it resumes
         return cls(**merged)
 
     def to_dict(self) -> dict[str, Any]:
@@ -237,6 +242,12 @@ def run_job(job: JobConfig) -> dict[str, Any]:
     if train_cfg.resume and not Path(train_cfg.resume).is_dir():
         raise FileNotFoundError(f"train.resume={train_cfg.resume!r} is not a folder; pass the run folder (or one of "
                                 f"its ckpt-<step> folders) of the run to continue")
+    if train_cfg.resume:
+        run_folder = resumed_run_folder(train_cfg.resume)
+        if Path(train_cfg.output_dir).resolve() != run_folder.resolve():
+            raise ValueError(f"--resume {train_cfg.resume} continues the run in {run_folder}, but the output folder "
+                             f"is {train_cfg.output_dir}; drop --output-dir (a resume writes into the run it "
+                             f"resumes), or copy {run_folder} to {train_cfg.output_dir} and resume from the copy")
     path = resolve_model_path(job.model)
     task = detect_task(path) if job.task == "auto" else job.task
     records = data_mod.load_source(job.data)
@@ -273,6 +284,7 @@ def run_job(job: JobConfig) -> dict[str, Any]:
     out = Path(train_cfg.output_dir)
     trainer = Trainer(model, train_cfg, train_set, val_set, collate_fn=data_mod.Collator(tokenizer),
                       task="classification" if task == "classification" else "lm")
+    trainer.resumable()  # a resume the checkpoint refuses (another optimiser, ...) fails before job.yaml is written
     if trainer.info.is_main:  # under torchrun every rank runs this function; one writes
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "job.yaml", job.to_yaml())  # a crash never leaves half a job.yaml
@@ -312,6 +324,20 @@ def _adapter_seed(job: JobConfig, train_cfg: Any) -> tuple[int, str]:
         dist.broadcast(value, src=0)
         seed = int(value.item())
     return seed, "drawn"
+
+
+def resumed_run_folder(resume: str | os.PathLike) -> Path:
+    """The run folder a ``--resume`` continues: the folder itself, or the run holding the ``ckpt-<step>`` given.
+
+    Example:
+        >>> import tempfile
+        >>> run = Path(tempfile.mkdtemp())
+        >>> (run / "ckpt-2").mkdir(); _ = (run / "ckpt-2" / "state.json").write_text("{}")
+        >>> resumed_run_folder(run / "ckpt-2") == run == resumed_run_folder(run)
+        True
+    """
+    resume = Path(resume)
+    return resume.parent if (resume / "state.json").exists() else resume
 
 
 def _recorded_seed(resume: Path) -> int | None:

@@ -221,6 +221,7 @@ class Trainer:
         self.result = TrainResult(output_dir=config.output_dir)
         self._stop_requested = False
         self._stop_signal = "Ctrl-C"
+        self._resumable: ckpt.Resumable | None = None  # read and checked once, by resumable()
         self._bad_checkpoints: set[str] = set()  # corrupt checkpoints skipped on resume (renamed if re-written)
         self._length_cache: list[int] | None = None
         self._log_files: dict[str, Any] = {}
@@ -283,7 +284,7 @@ class Trainer:
         cfg, info = self.config, self.info
         user_model = self.model
         _refuse_merged(user_model)  # before anything changes
-        found = self._find_checkpoint() if cfg.resume else None  # reads and checks only: the model is untouched
+        found = self.resumable()  # reads and checks only: the model is untouched
         torch.manual_seed(cfg.seed)  # dropout masks repeat run to run (the batch order has its own generator)
         if cfg.gradient_checkpointing and hasattr(user_model, "gradient_checkpointing_enable"):
             user_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -571,6 +572,19 @@ class Trainer:
         """Write the finished run's ``adapter/`` (under FSDP every rank gathers, rank 0 writes)."""
         _adapter_writer(model)(model, Path(self.config.output_dir) / "adapter", write_files=self.info.is_main)
         dist_utils.barrier(self.info)
+
+    def resumable(self) -> ckpt.Resumable | None:
+        """The checkpoint :meth:`train` resumes from (None without ``config.resume``), read and checked against this
+        run's settings once; a caller can ask first, to refuse a resume before it writes anything of its own.
+
+        Example:
+            >>> import torch, lorakit
+            >>> Trainer(torch.nn.Linear(2, 2), TrainConfig(steps=1), [{"x": torch.ones(2)}]).resumable() is None
+            True
+        """
+        if self.config.resume and self._resumable is None:
+            self._resumable = self._find_checkpoint()
+        return self._resumable
 
     def _find_checkpoint(self) -> ckpt.Resumable:
         """The checkpoint to resume from (newest intact one), checked against this run's optimiser settings."""
