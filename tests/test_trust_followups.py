@@ -131,3 +131,43 @@ def test_dry_run_of_a_resume_shows_the_run_folder(trained, capsys):
     code, out, err = run(resume_argv(model_dir, data, out_dir / "ckpt-2", "--dry-run"), capsys)
     assert code == 0, err
     assert yaml.safe_load(out)["output_dir"] == str(out_dir)
+
+
+# -- a resume whose adapter config differs from the checkpoint's names the difference before loading ------------
+@pytest.mark.parametrize("extra, words", [(["--r", "4"], ["r=2", "r=4"]),
+                                          (["--set", "adapter.method=dora"], ["method='lora'", "method='dora'"])])
+def test_resume_with_another_adapter_config_names_it_before_loading(trained, capsys, monkeypatch, extra, words):
+    from lorakit.train import job as job_mod
+
+    model_dir, data, out_dir = trained
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the mismatch was found")
+
+    monkeypatch.setattr(job_mod, "load_base", no_loading)
+    before = {p: p.read_bytes() for p in out_dir.rglob("*") if p.is_file()}
+    argv = train_argv(model_dir, data, out_dir, "--steps", "4", "--resume", str(out_dir), *extra)
+    code, _, err = run(argv, capsys)
+    one_line_error(code, err)
+    assert all(w in err for w in words), err
+    assert str(out_dir / "job.yaml") in err and "shapes differ" not in err
+    assert {p: p.read_bytes() for p in out_dir.rglob("*") if p.is_file()} == before
+    monkeypatch.undo()
+    fix = err.split("resume with the run's own config (")[1].split(")")[0].split()  # the command it suggests
+    assert fix[:2] == ["lorakit", "train"]
+    code, _, err = run(fix[1:] + ["--set", "train.steps=3", "--set", "train.progress=false"], capsys)
+    assert code == 0, err
+    assert (out_dir / "ckpt-3").is_dir()
+
+
+def test_a_config_files_output_dir_yields_to_the_resumed_run(trained, tmp_path, capsys):
+    """A moved run resumed with its own job.yaml (which names the old folder) continues where it now is."""
+    import shutil
+
+    model_dir, data, out_dir = trained
+    moved = tmp_path / "moved"
+    shutil.move(str(out_dir), moved)
+    code, out, err = run(["train", str(moved / "job.yaml"), "--resume", str(moved), "--set", "train.steps=3",
+                          "--set", "train.progress=false"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["output_dir"] == str(moved) and (moved / "ckpt-3").is_dir() and not out_dir.exists()

@@ -38,6 +38,7 @@ from ..io import CONFIG_FILE, WEIGHTS_FILE, AdapterLoadError, atomic_write_text,
 from ..methods.peft_lora import peft_number
 from ..model import attach, unload
 from ..quantization import quantize, quantize_for_adapter
+from . import checkpoint as ckpt
 from . import data as data_mod
 from . import distributed as dist_utils
 from .data import FORMATS
@@ -103,6 +104,7 @@ class JobConfig:
         Override values are parsed as JSON, else YAML (``2e-4`` is a number, ``true`` a bool, ``[a, b]`` a list,
         an empty value None), except that a number given for a path (``model``, ``data``, ``output_dir``,
         ``train.output_dir``, ``train.resume``) stays the text: ``--set model=123`` names the folder ``123``.
+        With ``train.resume``, ``output_dir`` becomes the run folder being resumed unless an override names one.
         """
         raw: dict[str, Any] = {}
         if path is not None:
@@ -119,7 +121,9 @@ class JobConfig:
                 merged[key] = {**merged[key], **value} if key == "train" else dict(value)
             else:
                 merged[key] = value
-        explicit_output = "output_dir" in raw or "output_dir" in (raw.get("train") or {})
+        # a resume continues in the run it resumes; only the command line may name another output folder (and is
+        # then refused by run_job): a config file's output_dir, e.g. the job.yaml of a moved run, yields to it
+        explicit_output = False
         for item in overrides:
             if not isinstance(item, str) or "=" not in item:
                 raise ValueError(f"override {item!r} is invalid; write key=value, e.g. adapter.r=16")
@@ -263,6 +267,8 @@ def run_job(job: JobConfig) -> dict[str, Any]:
     seed, how = _adapter_seed(job, train_cfg)
     if how != "given":
         job = dataclasses.replace(job, adapter={**job.adapter, "seed": seed})  # recorded in job.yaml and the adapter
+    if train_cfg.resume:
+        _check_resumed_adapter(job, train_cfg.resume)
     labels = data_mod.label_names(records) if fmt == "classification" else None
     model, tokenizer = load_base(path, task, num_labels=len(labels) if labels else None,
                                  labels_from=f"data {job.data!r}")
@@ -324,6 +330,33 @@ def _adapter_seed(job: JobConfig, train_cfg: Any) -> tuple[int, str]:
         dist.broadcast(value, src=0)
         seed = int(value.item())
     return seed, "drawn"
+
+
+def _check_resumed_adapter(job: JobConfig, resume: str) -> None:
+    """Refuse, before the model loads, a resume whose adapter settings differ from those its checkpoint was trained
+    with (another ``adapter.r`` would otherwise fail deep in the restore as "shapes differ")."""
+    found = ckpt.find_resumable(Path(resume))
+    config_file = found.folder / "adapter" / CONFIG_FILE
+    if not config_file.exists():  # a run without adapters (its trainable tensors only): nothing to compare
+        return
+    adapters = _read_json_object(config_file, "checkpoint adapter config").get("adapters")
+    if not isinstance(adapters, dict) or len(adapters) != 1:
+        return  # not what `lorakit train` writes; the restore itself checks it
+    saved = next(iter(adapters.values())).get("config")
+    try:
+        had = AdapterConfig.from_dict(saved).to_dict()
+    except (TypeError, ValueError):
+        return  # a broken record: the restore reports it, naming the file
+    want = AdapterConfig(**job.adapter).to_dict()
+    # modules_to_save: the job adds the model's head to it after loading; everything else must match
+    differ = [k for k in want if k != "modules_to_save" and want[k] != had[k]]
+    if differ:
+        run_folder = resumed_run_folder(resume)
+        raise ValueError(f"checkpoint {found.folder} was trained with adapter "
+                         f"{', '.join(f'{k}={had[k]!r}' for k in differ)} but the config says "
+                         f"{', '.join(f'{k}={want[k]!r}' for k in differ)}; resume with the run's own config "
+                         f"(lorakit train {run_folder / 'job.yaml'} --resume {run_folder}) or start a new run "
+                         f"without --resume")
 
 
 def resumed_run_folder(resume: str | os.PathLike) -> Path:
