@@ -171,3 +171,21 @@ def test_a_config_files_output_dir_yields_to_the_resumed_run(trained, tmp_path, 
                           "--set", "train.progress=false"], capsys)
     assert code == 0, err
     assert json.loads(out)["output_dir"] == str(moved) and (moved / "ckpt-3").is_dir() and not out_dir.exists()
+
+
+# -- python -m lorakit ----------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a real interpreter
+def test_python_dash_m_lorakit_is_the_lorakit_command(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "--help"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "lorakit" in proc.stdout and all(c in proc.stdout for c in ("train", "export", "predict", "inspect"))
+    bad = subprocess.run([sys.executable, "-m", "lorakit", "trian"], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)  # the same one-line errors as the console script
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
