@@ -189,3 +189,51 @@ def test_python_dash_m_lorakit_is_the_lorakit_command(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lorakit", "trian"], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=120)  # the same one-line errors as the console script
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+# -- predict / export on a PEFT folder use its base_model_name_or_path when it is local ---------------------------
+def peft_folder(model_dir, folder, base_name):
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    lorakit.attach(base, lorakit.AdapterConfig(r=2, seed=0, targets=["query", "value"]))
+    with torch.no_grad():
+        for p in base.parameters():
+            if p.requires_grad:
+                p.add_(0.05)  # a visible change
+    lorakit.save(base, folder, format="peft", base_model_name_or_path=base_name)
+    return folder
+
+
+def test_peft_folder_predicts_and_exports_on_its_local_base(tiny_classifier_folder, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir, _ = tiny_classifier_folder
+    folder = peft_folder(model_dir, tmp_path / "peft", str(model_dir))
+    texts = ["a gorgeous witty film", "dull and boring"]
+    code, out, err = run(["predict", str(folder), *texts], capsys)
+    assert code == 0, err
+    assert str(model_dir) in err and "base_model_name_or_path" in err and "--model" in err  # says what it used
+    code, given, err2 = run(["predict", str(folder), *texts, "--model", str(model_dir)], capsys)
+    assert code == 0 and out == given and "base_model_name_or_path" not in err2
+
+    code, _, err = run(["export", str(folder), "--out", str(tmp_path / "merged")], capsys)
+    assert code == 0, err
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    assert not torch.equal(merged.bert.encoder.layer[0].attention.self.query.weight,
+                           base.bert.encoder.layer[0].attention.self.query.weight)
+
+
+@pytest.mark.parametrize("base_name", ["some-org/some-model", "missing/local/folder"])
+def test_peft_folder_naming_a_hub_model_still_asks_for_model(tiny_classifier_folder, tmp_path, capsys,
+                                                             monkeypatch, base_name):
+    from lorakit.train import job as job_mod
+
+    model_dir, _ = tiny_classifier_folder
+    folder = peft_folder(model_dir, tmp_path / "peft", base_name)
+    monkeypatch.setattr(job_mod, "load_base", lambda *a, **k: pytest.fail("a model was loaded (or fetched)"))
+    for argv in (["predict", str(folder), "hello"], ["export", str(folder), "--out", str(tmp_path / "m")]):
+        code, _, err = run(argv, capsys)
+        one_line_error(code, err)
+        assert base_name in err and "--model" in err and not (tmp_path / "m").exists()

@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 from ..assets import minilm_path, smollm2_path
 from ..config import AdapterConfig, coerce_field, is_int
 from ..io import CONFIG_FILE, WEIGHTS_FILE, AdapterLoadError, atomic_write_text, load, read_folder, read_safetensors
+from ..io.lorakit_format import PEFT_CONFIG_FILE
 from ..methods.peft_lora import peft_number
 from ..model import attach, unload
 from ..quantization import quantize, quantize_for_adapter
@@ -161,6 +162,9 @@ class JobConfig:
 # ---------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------
+EMBEDDED_MODELS = ("minilm", "smollm2")  # the model names resolve_model_path serves without a folder
+
+
 def resolve_model_path(model: str) -> str:
     """A local folder (as an absolute path), or an embedded default name (fetched and cached by
     :mod:`lorakit.assets`)."""
@@ -403,9 +407,31 @@ def _run_info(adapter: str | os.PathLike, model: str | None, default_task: str |
     if model is not None:
         info["model"] = resolve_model_path(model)
     if "model" not in info:
-        raise ValueError(f"{folder} does not say which base model it belongs to; pass --model FOLDER")
+        peft_base = _peft_base_model(folder)
+        if peft_base is None:
+            raise ValueError(f"{folder} does not say which base model it belongs to; pass --model FOLDER")
+        info["model"] = resolve_model_path(peft_base)
+        print(f"using base model {info['model']} named by {folder / PEFT_CONFIG_FILE} (base_model_name_or_path); "
+              f"pass --model to use another", file=sys.stderr)
     info.setdefault("task", default_task or detect_task(info["model"]))
     return info
+
+
+def _peft_base_model(folder: Path) -> str | None:
+    """A PEFT folder's ``base_model_name_or_path`` when it is a local transformers folder (has config.json) or one
+    of lorakit's embedded names; None when it names none; a clear error when it names one lorakit cannot use
+    (a hub id: lorakit never downloads)."""
+    config_file = folder / PEFT_CONFIG_FILE
+    if not config_file.is_file():
+        return None
+    name = _read_json_object(config_file, "PEFT adapter config").get("base_model_name_or_path")
+    if not isinstance(name, str) or not name.strip():
+        return None
+    if name in EMBEDDED_MODELS or (Path(name) / "config.json").is_file():
+        return name
+    raise ValueError(f"{config_file} names base model {name!r} (base_model_name_or_path), which is not a local "
+                     f"transformers folder nor one of {', '.join(EMBEDDED_MODELS)} (lorakit never downloads from a "
+                     f"hub); pass --model FOLDER")
 
 
 def load_adapted(adapter: str | os.PathLike, model: str | None = None, dtype: str = "float32"):
