@@ -237,3 +237,47 @@ def test_peft_folder_naming_a_hub_model_still_asks_for_model(tiny_classifier_fol
         code, _, err = run(argv, capsys)
         one_line_error(code, err)
         assert base_name in err and "--model" in err and not (tmp_path / "m").exists()
+
+
+# -- combine: a bool is not a weight; DARE without a seed says which one it drew ----------------------------------
+def two_adapters():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+    for n in "ab":
+        lorakit.attach(net, lorakit.AdapterConfig(r=2, seed=ord(n), init="gaussian"), name=n)
+        with torch.no_grad():
+            for layer in (net[0], net[2]):
+                layer.adapters[n].B.normal_()  # a non-zero change
+    return net
+
+
+def snapshot(net):
+    return {k: v.clone() for k, v in net.state_dict().items()}, lorakit.adapter_names(net)
+
+
+@pytest.mark.parametrize("how", ["cat", "task_arithmetic", "dare_linear"])
+@pytest.mark.parametrize("flag", [True, False])
+def test_combine_refuses_a_bool_weight(how, flag):
+    net = two_adapters()
+    before, names = snapshot(net)
+    extra = {"density": 0.5, "seed": 1} if how == "dare_linear" else {}
+    with pytest.raises(ValueError, match=r"combine weight for 'a'.*" + str(flag)) as err:
+        lorakit.combine(net, {"a": flag, "b": 0.5}, name="mix", how=how, **extra)
+    assert len(str(err.value).splitlines()) == 1
+    after, names_after = snapshot(net)
+    assert names_after == names and after.keys() == before.keys() and all(torch.equal(after[k], before[k])
+                                                                           for k in before)
+
+
+def test_dare_without_a_seed_says_the_seed_it_drew_and_it_repeats_the_mix():
+    net = two_adapters()
+    x = torch.randn(5, 6)
+    with pytest.warns(UserWarning, match=r"drew seed=\d+") as caught:
+        lorakit.combine(net, {"a": 0.5, "b": 0.5}, name="free", how="dare_ties", density=0.5)
+    drawn = lorakit.mix_report(net, "free").seed
+    assert any(f"seed={drawn}" in str(w.message) for w in caught)
+    lorakit.combine(net, {"a": 0.5, "b": 0.5}, name="again", how="dare_ties", density=0.5, seed=drawn)
+    lorakit.set_active(net, ["free"])
+    first = net(x)
+    lorakit.set_active(net, ["again"])
+    assert torch.equal(net(x), first)

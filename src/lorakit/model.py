@@ -771,7 +771,8 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", how:
     family member: ``task_arithmetic`` (``Σ w_i ΔW_i``), ``magnitude_prune`` / ``ties`` (need ``density``, the
     fraction kept, 0 < density ≤ 1; TIES elects signs by ``majority_sign="total" | "frequency"``) and
     ``dare_linear`` / ``dare_ties`` (``density``; ``seed``: the same seed gives the same mix, None draws one from
-    torch's RNG and records it). The result is a plain LoRA: exact by default (the mix's numerical rank per layer), or
+    torch's RNG, records it in :func:`lorakit.mix_report` and names it in a UserWarning, so any mix can be made
+    again; ``lorakit mix`` requires ``--seed``). The result is a plain LoRA: exact by default (the mix's numerical rank per layer), or
     the best approximation of ``rank`` or ``energy`` (a UserWarning gives the worst error);
     :func:`lorakit.mix_report` lists each layer's rank and relative error. These rules need the adapters on the same
     layers and not merged.
@@ -831,8 +832,9 @@ def _check_mix_sources(model: nn.Module, weights: dict[str, float], name: str) -
                          "there is no meaningful mix of their copies, and the mix would silently run the original "
                          "modules; combine adapters without modules_to_save")
     for k, w in weights.items():
-        if not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise ValueError(f"combine weight for {k!r} must be a finite number, got {w!r}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):  # True is not 1.0 here
+            raise ValueError(f"combine weight for {k!r} must be a finite number, got {w!r}; give it as a number, "
+                             f"e.g. {{{k!r}: 1.0}}")
     return reg
 
 
@@ -860,6 +862,8 @@ def _combine_task_vectors(model: nn.Module, weights: dict[str, float], name: str
             plan_layers.append((path, layer, [(n, layer.adapters[n], float(weights[n])) for n in names]))
     if how in ("dare_linear", "dare_ties") and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # recorded in the report: any mix can be redone
+        warnings.warn(f"combine(how={how!r}) without seed drew seed={seed} (recorded in lorakit.mix_report(model, "
+                      f"{name!r}).seed); pass seed={seed} to make the same mix again", UserWarning, stacklevel=3)
     report = MixReport(name=name, how=how, weights={n: float(w) for n, w in weights.items()},
                        density=None if density is None else float(density),
                        majority_sign=majority_sign if how in ("ties", "dare_ties") else None, seed=seed,
