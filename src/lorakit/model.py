@@ -772,8 +772,8 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "mix", how:
     fraction kept, 0 < density ≤ 1; TIES elects signs by ``majority_sign="total" | "frequency"``) and
     ``dare_linear`` / ``dare_ties`` (``density``; ``seed``: the same seed gives the same mix, None draws one from
     torch's RNG, records it in :func:`lorakit.mix_report` and names it in a UserWarning, so any mix can be made
-    again; ``lorakit mix`` requires ``--seed``). The result is a plain LoRA: exact by default (the mix's numerical rank per layer), or
-    the best approximation of ``rank`` or ``energy`` (a UserWarning gives the worst error);
+    again; ``lorakit mix`` requires ``--seed``). The result is a plain LoRA: exact by default (the mix's numerical
+    rank per layer), or the best approximation of ``rank`` or ``energy`` (a UserWarning gives the worst error);
     :func:`lorakit.mix_report` lists each layer's rank and relative error. These rules need the adapters on the same
     layers and not merged.
 
