@@ -281,3 +281,70 @@ def test_dare_without_a_seed_says_the_seed_it_drew_and_it_repeats_the_mix():
     first = net(x)
     lorakit.set_active(net, ["again"])
     assert torch.equal(net(x), first)
+
+
+# -- a merged adapter that owns a head keeps it: switching the head away is refused ---------------------------------
+def headed_pair():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        plain = net(x)
+    for n in "ab":
+        lorakit.attach(net, lorakit.AdapterConfig(r=2, seed=ord(n), targets=["0"], modules_to_save=["2"],
+                                                  init="gaussian"), name=n)
+        with torch.no_grad():
+            net[0].adapters[n].B.normal_()
+            for p in net[2].copies[n].parameters():
+                p.add_(0.3 if n == "a" else -0.3)  # each head its own
+    return net, x, plain
+
+
+def test_switching_the_head_of_a_merged_adapter_is_refused_and_changes_nothing():
+    net, x, plain = headed_pair()
+    lorakit.set_active(net, ["a"])
+    with torch.no_grad():
+        adapted_a = net(x)
+    lorakit.merge(net)
+    before, names = snapshot(net)
+    for switch in (lambda: lorakit.set_active(net, ["b"]), lambda: lorakit.set_active(net, [])):
+        with pytest.raises(ValueError, match=r"'a'.*merged.*unmerge") as err:
+            switch()
+        assert len(str(err.value).splitlines()) == 1
+        after, names_after = snapshot(net)
+        assert lorakit.active_adapters(net) == ["a"] and names_after == names
+        assert all(torch.equal(after[k], before[k]) for k in before)
+        with torch.no_grad():
+            assert torch.allclose(net(x), adapted_a, atol=1e-5)
+    with pytest.raises(ValueError, match=r"'a'.*merged.*unmerge"):  # a new adapter would take over the head too
+        lorakit.attach(net, lorakit.AdapterConfig(r=2, targets=["0"]), name="c")
+    assert lorakit.adapter_names(net) == ["a", "b"]
+    with pytest.raises(RuntimeError, match="unmerge"):  # route already refuses merged adapters
+        with lorakit.route(net, ["b"] * 4):
+            pass
+    with lorakit.disabled(net), torch.no_grad():  # the base body and the base head
+        assert torch.allclose(net(x), plain, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(net(x), adapted_a, atol=1e-5)
+    lorakit.unmerge(net)
+    lorakit.set_active(net, ["b"])  # the fix the message gives
+    with torch.no_grad():
+        assert not torch.allclose(net(x), adapted_a, atol=1e-3)
+
+
+def test_loading_next_to_a_merged_adapter_with_a_head_is_refused_and_rolled_back(tmp_path):
+    net, x, _ = headed_pair()
+    folder = lorakit.save(net, tmp_path / "b", names="b")
+    lorakit.delete(net, "b")
+    lorakit.set_active(net, ["a"])
+    lorakit.merge(net)
+    before, names = snapshot(net)
+    with torch.no_grad():
+        y = net(x)
+    with pytest.raises(ValueError, match=r"'a'.*merged.*unmerge"):
+        lorakit.load(net, folder)
+    after, names_after = snapshot(net)
+    assert names_after == names == ["a"] and lorakit.active_adapters(net) == ["a"]
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(net(x), y)

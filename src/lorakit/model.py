@@ -456,6 +456,8 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
         >>> lorakit.adapter_names(net)
         ['default']
     """
+    if registry_or_none(model) is not None:  # the new adapter becomes the only active one
+        _refuse_head_switch(model, [name], f"attach(name={name!r})")
     plan = build_plan(model, config, name)
     commit_plan(model, plan)
     needs = get_method(config.method).base_requirements(config)
@@ -496,6 +498,11 @@ def _check_known(model: nn.Module, names: Sequence[str]) -> AdapterRegistry:
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` the active adapters; several active adapters add their deltas.
 
+    A merged adapter stays in the base weights whatever is active; if it trains a whole module (modules_to_save),
+    leaving it out of ``names`` would pair its merged weights with another copy of that module, so that is refused
+    (ValueError, nothing changed; so are :func:`attach` and :func:`lorakit.load`, which activate the new adapter):
+    call :func:`unmerge` first.
+
     Example:
         >>> import torch, lorakit
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
@@ -506,11 +513,25 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     """
     names = [names] if isinstance(names, str) else list(names)
     reg = _check_known(model, names)
+    _refuse_head_switch(model, names, f"set_active({names})")
     reg.active = names
     for _, layer in adapted_layers(model):
         layer.set_active(names)
     for _, wrapper in saved_modules(model):
         wrapper.set_active(names)
+
+
+def _refuse_head_switch(model: nn.Module, names: Sequence[str], doing: str) -> None:
+    """A merged adapter's change stays in the base weights whatever is active, but the module it trains whole
+    (modules_to_save) runs only while it is active: making ``names`` active without it would run its merged body
+    with another head (another adapter's copy, or the original). Refused before anything changes."""
+    merged = {n for _, layer in adapted_layers(model) for n in layer.merged}
+    for path, wrapper in saved_modules(model):
+        for owner in sorted(merged & set(wrapper.copies)):
+            if owner not in names:
+                raise ValueError(f"{doing}: adapter {owner!r} is merged into the base weights and trains its own "
+                                 f"copy of {path!r} (modules_to_save), so it would run its merged weights with "
+                                 f"another {path!r}; call lorakit.unmerge(model) first")
 
 
 def set_trainable(model: nn.Module, names: str | Sequence[str], trainable: bool = True) -> None:

@@ -92,10 +92,10 @@ def install_adapters(model: nn.Module, adapters: Sequence[AdapterToLoad], traina
             with _errors_as(foreign, item.folder):
                 _load_one(model, item, trainable, snapshot)
             done.append(item.new_name)
+        set_active(model, [item.new_name for item in adapters])  # may refuse (a merged adapter's head): rolled back
     except BaseException:  # roll back what this call changed (also on Ctrl-C), so the model is as it was
         snapshot.roll_back(model, done)
         raise
-    set_active(model, [item.new_name for item in adapters])
     return model
 
 
