@@ -348,3 +348,37 @@ def test_loading_next_to_a_merged_adapter_with_a_head_is_refused_and_rolled_back
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     with torch.no_grad():
         assert torch.equal(net(x), y)
+
+
+# -- adapter names longer than a file name can be are refused up front ---------------------------------------------
+LONGEST = "é" * 127 + "x"  # 255 bytes in UTF-8: the longest folder name most file systems allow
+TOO_LONG = "é" * 128  # 256 bytes: PEFT's per-adapter subfolder could not be created
+
+
+def test_the_longest_name_saves_in_peft_layout_and_loads_back(tmp_path):
+    net = two_adapters()
+    lorakit.combine(net, {"a": 0.5, "b": 0.5}, name=LONGEST, how="cat")
+    folder = lorakit.save(net, tmp_path / "peft", format="peft")
+    assert (folder / LONGEST).is_dir()
+    fresh = two_adapters()
+    lorakit.delete(fresh, "a")
+    lorakit.delete(fresh, "b")
+    lorakit.load(fresh, folder)
+    assert LONGEST in lorakit.adapter_names(fresh)
+
+
+@pytest.mark.parametrize("name", [TOO_LONG, "x" * 300])
+def test_a_name_too_long_for_a_folder_is_refused_before_anything_changes(tmp_path, name):
+    net = two_adapters()
+    folder = lorakit.save(net, tmp_path / "saved", names="a")
+    before, names = snapshot(net)
+    refusals = [lambda: lorakit.attach(net, lorakit.AdapterConfig(r=2), name=name),
+                lambda: lorakit.combine(net, {"a": 0.5, "b": 0.5}, name=name, how="cat"),
+                lambda: lorakit.load(net, folder, name=name)]
+    for refuse in refusals:
+        with pytest.raises(ValueError, match=r"255 bytes") as err:
+            refuse()
+        assert len(str(err.value).splitlines()) == 1 and "Errno" not in str(err.value)
+        after, names_after = snapshot(net)
+        assert names_after == names and all(torch.equal(after[k], before[k]) for k in before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]

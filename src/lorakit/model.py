@@ -150,8 +150,12 @@ def _short_list(names: Sequence[str], limit: int = 40) -> str:
     return text + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
+MAX_NAME_BYTES = 255  # the longest file or folder name (in bytes) of ext4, XFS, btrfs, APFS, NTFS (255 UTF-16 units)
+
+
 def check_adapter_name(name: Any) -> None:
-    """Refuse adapter names that break a save key ("<name>|layer|..."), a PEFT subfolder or a module attribute.
+    """Refuse adapter names that break a save key ("<name>|layer|..."), a PEFT subfolder (also: longer than
+    255 bytes in UTF-8, the longest folder name) or a module attribute.
 
     Example:
         >>> check_adapter_name("q_proj")  # fine
@@ -165,6 +169,10 @@ def check_adapter_name(name: Any) -> None:
             or any(c in name for c in "./\\|") or hasattr(nn.ModuleDict(), name)):
         raise ValueError(f"adapter name {name!r} is invalid; use a non-empty printable string without '.', '/', "
                          f"'\\', '|' or surrounding spaces, and not an nn.Module attribute name (e.g. 'keys')")
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:  # PEFT's layout makes it a folder name
+        raise ValueError(f"adapter name {name[:40]!r}... is {len(name.encode('utf-8'))} bytes in UTF-8; a name must "
+                         f"fit in a folder name (at most {MAX_NAME_BYTES} bytes on most file systems), since PEFT's "
+                         f"layout saves each named adapter in a subfolder of that name; use a shorter name")
 
 
 
