@@ -223,8 +223,9 @@ class Linear4bit(nn.Module):
         parts = [self.weight_packed, self.absmax] + ([self.absmax2, self.absmax_offset.reshape(1)]
                                                      if self.double_quant else [])
         for part in parts:
-            fixed = part.detach().to("cpu", torch.uint8 if part.dtype == torch.uint8 else torch.float32)
-            digest.update(fixed.contiguous().numpy().astype("u1" if fixed.dtype == torch.uint8 else "<f4").tobytes())
+            codes = part.dtype == torch.uint8
+            fixed = part.detach().to("cpu", torch.uint8 if codes else torch.float32).contiguous().numpy()
+            digest.update(fixed.astype("u1" if codes else "<f4", copy=False).tobytes())
         return digest.hexdigest()[:16]
 
     # -- accounting --------------------------------------------------------------------------------------------
