@@ -394,10 +394,11 @@ def check_base_fingerprint(path: str, ops: LayerOps, recorded: str | None) -> No
         return
     raise ValueError(
         f"{path}: its 4-bit base (fingerprint {have}) is not the exact one this adapter was fitted to ({recorded}): "
-        "same NF4 settings, other codes (LoftQ with loftq_iter > 1 fits its own base, which a fresh "
+        "its NF4 codes or settings differ (LoftQ with loftq_iter > 1 fits its own base, which a fresh "
         "lorakit.quantize(model) does not reproduce), so outputs would silently differ. Fix: load the base saved "
         "with the adapter (lorakit.quant.save_quantized(model, folder) after attaching LoftQ, then "
-        "lorakit.quant.load_quantized(fresh_model, folder)), or re-run LoftQ (attach init='loftq') on this model")
+        "lorakit.quant.load_quantized(fresh_model, folder)), or re-run LoftQ on the full-precision model (attach "
+        "init='loftq' before any quantisation; it builds its own 4-bit base)")
 
 
 def base_fingerprints(entries: Iterable[Any]) -> dict[str, str]:
