@@ -38,7 +38,7 @@ from torch import nn
 from .lowrank import LayerFit, LowRank, check_rank_energy, factorize, factorize_product
 from .methods import get_method
 from .methods.lora import LoraAdapter
-from .model import check_adapter_name, registry, saved_copy
+from .model import base_fingerprints, check_adapter_name, registry, saved_copy
 from .registry import AdapterEntry, adapter_entries
 
 __all__ = ["LayerConversion", "ToLoraReport", "describe_conversion", "layer_factorization", "member_delta", "to_lora",
@@ -237,6 +237,7 @@ def to_lora(model: nn.Module, name: str = "default", new_name: str | None = None
         alpha_pattern={p: float(r) for p, r in ranks.items() if r != top} or None,
         scaling="standard", init="kaiming", dropout=0.0, exclude=None, modules_to_save=[])
     base_note, needs = _base_note(model, name, entries)
+    prints = base_fingerprints(entries) if needs else {}
     heads = list(reg.modules_to_save.get(name, []))
     copies = {path: copy.deepcopy(saved_copy(model, path, name)) for path in heads}
     # commit: nothing above changed the model
@@ -250,8 +251,10 @@ def to_lora(model: nn.Module, name: str = "default", new_name: str | None = None
     reg.configs[new_name] = config.replace(modules_to_save=heads) if heads else config
     reg.layers[new_name] = sorted(adapters)
     reg.modules_to_save[new_name] = heads
-    if needs:
+    if needs:  # and the exact 4-bit base: the new LoRA carries the member's change relative to it
         reg.extra[new_name] = {"base": dict(needs)}
+        if prints:
+            reg.extra[new_name]["base_fingerprints"] = prints
     for adapter in adapters.values():
         for p in adapter.parameters():
             p.requires_grad_(False)

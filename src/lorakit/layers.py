@@ -108,6 +108,11 @@ class LayerOps:
     def device(self) -> torch.device:
         return next(t for t in list(self.base.parameters()) + list(self.base.buffers())).device
 
+    def base_fingerprint(self) -> str | None:
+        """The exact 4-bit base's fingerprint (:meth:`lorakit.quant.Linear4bit.fingerprint`), or None for a
+        full-precision base (which adapters recording a 4-bit base refuse through their own checks)."""
+        return None
+
     def supports_dropout(self) -> bool:
         return True
 
@@ -255,6 +260,9 @@ class Linear4bitOps(LayerOps):
     def densify(self) -> nn.Module:
         """A plain ``nn.Linear`` in the compute dtype with the dequantised weight (exact)."""
         return self.base.to_linear()
+
+    def base_fingerprint(self) -> str | None:
+        return self.base.fingerprint()
 
 
 _NORM_TYPES: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.BatchNorm1d, nn.BatchNorm2d,

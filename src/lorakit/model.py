@@ -12,13 +12,14 @@ import numbers
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
 from .config import AdapterConfig, name_matches
-from .layers import AdaptedLayer, ModuleCopies, RouteState, TiedPartner, UnsupportedLayer, is_adaptable, ops_for
+from .layers import (AdaptedLayer, LayerOps, ModuleCopies, RouteState, TiedPartner, UnsupportedLayer, is_adaptable,
+                     ops_for)
 from .methods import combine_adapters, get_method
 from .methods.base import Adapter, layer_generator
 from .mixing import TASK_VECTOR_RULES, MixReport, check_mix_options, mix_layer, record_report
@@ -310,8 +311,12 @@ def _parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), child
 
 
-def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = True) -> AttachPlan:
+def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = True,
+               base_fingerprints: Mapping[str, str] | None = None) -> AttachPlan:
     """Everything ``attach`` will do, computed without touching ``model``.
+
+    ``init=False`` (a load): the saved tensors need the base they were fitted to; ``base_fingerprints`` (what
+    :func:`attach` recorded, ``{layer path: fingerprint}`` of each 4-bit base) refuses any other 4-bit base.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 4))
@@ -349,6 +354,7 @@ def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = 
         method.check_layer(ops, config, path)
         if not init:  # loading saved tensors: the base must be the one they were fitted to (LoftQ's 4-bit base)
             method.check_loaded_layer(ops, config, path)
+            check_base_fingerprint(path, ops, (base_fingerprints or {}).get(path))
         resolved.append((path, module, ops))
 
     mts = []
@@ -380,6 +386,39 @@ def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = 
         plan.entries.append(PlanEntry(path, layer, is_new, adapter, result))
         plan.tied[path] = partners
     return plan
+
+
+def check_base_fingerprint(path: str, ops: LayerOps, recorded: str | None) -> None:
+    """Raise ValueError (one line: the layer, both fingerprints, the fix) if ``recorded``, the fingerprint of the
+    4-bit base an adapter was fitted to, is not that of ``ops``' 4-bit base. Nothing recorded (adapters saved before
+    fingerprints, or needing no particular base) or a full-precision base (refused by the method's own
+    ``check_loaded_layer`` where it matters): no check.
+
+    Example:
+        >>> check_base_fingerprint("q_proj", ops_for(nn.Linear(4, 4)), "0123456789abcdef")
+    """
+    have = ops.base_fingerprint()
+    if recorded is None or have is None or have == recorded:
+        return
+    raise ValueError(
+        f"{path}: its 4-bit base (fingerprint {have}) is not the exact one this adapter was fitted to ({recorded}): "
+        "its NF4 codes or settings differ (LoftQ with loftq_iter > 1 fits its own base, which a fresh "
+        "lorakit.quantize(model) does not reproduce), so outputs would silently differ. Fix: load the base saved "
+        "with the adapter (lorakit.quant.save_quantized(model, folder) after attaching LoftQ, then "
+        "lorakit.quant.load_quantized(fresh_model, folder)), or re-run LoftQ on the full-precision model (attach "
+        "init='loftq' before any quantisation; it builds its own 4-bit base)")
+
+
+def base_fingerprints(entries: Iterable[Any]) -> dict[str, str]:
+    """``{layer path: fingerprint}`` of the 4-bit bases of ``entries`` (anything with ``.path`` and ``.layer``, such
+    as :class:`PlanEntry` or :class:`~lorakit.registry.AdapterEntry`); full-precision layers are left out.
+
+    Example:
+        >>> base_fingerprints([])
+        {}
+    """
+    prints = {entry.path: entry.layer.ops.base_fingerprint() for entry in entries}
+    return {path: value for path, value in prints.items() if value is not None}
 
 
 def _saved_copy_plan(model: nn.Module, path: str) -> SavedCopyPlan:
@@ -470,7 +509,12 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     commit_plan(model, plan)
     needs = get_method(config.method).base_requirements(config)
     if needs:  # saved with the adapter, so anyone loading it can tell which base it needs (LoftQ: its NF4 base)
-        plan.registry.extra.setdefault(name, {})["base"] = needs
+        extra = plan.registry.extra.setdefault(name, {})
+        extra["base"] = needs
+        # and which exact 4-bit base: LoftQ's own codes, which a fresh quantisation need not reproduce
+        prints = base_fingerprints(plan.entries)
+        if prints:
+            extra["base_fingerprints"] = prints
     return model
 
 

@@ -158,8 +158,14 @@ def _prepare_one(model: nn.Module, item: AdapterToLoad):
         raise AdapterLoadError(f"{folder}: adapter {saved_name!r} has an invalid config: {err}") from None
     layers = list(entry.get("layers", []))
     located = config.replace(targets=layers, exclude=None) if layers else config
+    prints = (entry.get("extra") or {}).get("base_fingerprints")  # absent in adapters saved before 0.2: no check
+    if prints is not None and not (isinstance(prints, dict)
+                                   and all(isinstance(v, str) for v in prints.values())):
+        raise AdapterLoadError(f"{folder}: adapter {saved_name!r} has an invalid extra.base_fingerprints "
+                               f"({type(prints).__name__}); it must map layer paths to fingerprint strings (the "
+                               "file was damaged or edited by hand)")
     try:
-        plan = build_plan(model, located, new_name, init=False)
+        plan = build_plan(model, located, new_name, init=False, base_fingerprints=prints)
     except (TypeError, ValueError) as err:
         if isinstance(err, AdapterLoadError):
             raise

@@ -29,6 +29,7 @@ Example:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -52,6 +53,10 @@ from .lorakit_format import CONFIG_FILE
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
+#: lorakit's side file next to a PEFT adapter recording the exact 4-bit base it was fitted to (LoftQ's
+#: ``base_fingerprints``; PEFT's adapter_config.json has no key for it); bound to the weights file it was written with
+#: by that file's sha256, so a side file left behind by an older save is ignored
+BASE_FINGERPRINTS_FILE = "lorakit_base.json"
 PREFIX = PEFT_MODEL_PREFIX
 
 #: PEFT's boolean switches that lorakit reads (a string or number there is refused, not read as true)
@@ -377,6 +382,9 @@ def peft_adapters(model: nn.Module, path: str | os.PathLike, name: str | None = 
     for saved, new in chosen:
         cfg, tensors = read_peft_folder(found[saved])
         entry, flat = peft_to_lorakit(cfg, tensors, model, found[saved])
+        prints = _read_base_fingerprints(found[saved])
+        if prints is not None:
+            entry["extra"]["base_fingerprints"] = prints
         adapters.append(AdapterToLoad(entry, flat, "peft", new, found[saved], found[saved] / PEFT_WEIGHTS))
     return adapters
 
@@ -447,9 +455,39 @@ def save_peft(model: nn.Module, path: str | os.PathLike, names: Sequence[str], b
             cfg["task_type"] = task_type
             save_file(tensors, str(sub / PEFT_WEIGHTS), metadata={"format": "pt"})
             (sub / PEFT_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+            prints = registry(model).extra.get(name, {}).get("base_fingerprints")
+            if prints:
+                side = {"format": "lorakit-base", "version": 1, "base_fingerprints": dict(prints),
+                        "weights_sha256": _sha256(sub / PEFT_WEIGHTS)}
+                (sub / BASE_FINGERPRINTS_FILE).write_text(json.dumps(side, indent=2, sort_keys=True))
 
     atomic_folder(Path(path), write)
     return Path(path)
+
+
+def _sha256(file: Path) -> str:
+    return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def _read_base_fingerprints(folder: Path) -> dict[str, str] | None:
+    """The base fingerprints lorakit wrote next to the PEFT adapter in ``folder`` (:data:`BASE_FINGERPRINTS_FILE`),
+    or None: no side file, or one written for other weights (the adapter was saved again since, by PEFT or another
+    tool). A damaged side file is a :class:`PeftFormatError` naming it."""
+    side_file = folder / BASE_FINGERPRINTS_FILE
+    if not side_file.is_file():
+        return None
+    try:
+        side = json.loads(side_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PeftFormatError(f"{side_file}: not valid JSON ({err}); delete it (it only records the 4-bit base a "
+                              "LoftQ adapter was fitted to) or save the adapter again") from None
+    prints = side.get("base_fingerprints") if isinstance(side, dict) else None
+    if not isinstance(prints, dict) or not all(isinstance(v, str) for v in prints.values()):
+        raise PeftFormatError(f"{side_file}: expected {{\"base_fingerprints\": {{layer path: fingerprint}}, ...}}; "
+                              "delete it or save the adapter again")
+    if side.get("weights_sha256") != _sha256(folder / PEFT_WEIGHTS):
+        return None
+    return prints
 
 
 def _model_name_or_path(model: nn.Module) -> str | None:

@@ -12,6 +12,7 @@ describe and rebuild the empty layer. The whole-model verbs (quantise, save, loa
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -201,6 +202,31 @@ class Linear4bit(nn.Module):
         cd = self.compute_dtype
         bias = self.bias.to(cd) if self.bias is not None else None
         return _Dequant4bitLinear.apply(x.to(cd), self, bias).to(x.dtype)
+
+    # -- identity ----------------------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """A short, deterministic name of the exact 4-bit weight this layer holds: the first 16 hex digits of a
+        sha256 over its shape and NF4 settings, its packed codes and its block constants (double quantisation
+        included), hashed as CPU little-endian bytes in fixed dtypes (uint8 codes, fp32 constants). It does not
+        depend on the device, the compute dtype or the bias: two layers with equal fingerprints dequantise to the
+        same weight. LoftQ adapters record it per layer to recognise the base they were fitted to.
+
+        Example:
+            >>> linear = torch.nn.Linear(64, 8)
+            >>> a = Linear4bit.from_linear(linear, compute_dtype=torch.float32)
+            >>> b = Linear4bit.from_linear(linear, compute_dtype=torch.bfloat16)
+            >>> a.fingerprint() == b.fingerprint(), len(a.fingerprint())
+            (True, 16)
+        """
+        digest = hashlib.sha256(f"nf4:{self.out_features}x{self.in_features}:block={self.blocksize}:"
+                                f"double_quant={self.double_quant}".encode())
+        parts = [self.weight_packed, self.absmax] + ([self.absmax2, self.absmax_offset.reshape(1)]
+                                                     if self.double_quant else [])
+        for part in parts:
+            codes = part.dtype == torch.uint8
+            fixed = part.detach().to("cpu", torch.uint8 if codes else torch.float32).contiguous().numpy()
+            digest.update(fixed.astype("u1" if codes else "<f4", copy=False).tobytes())
+        return digest.hexdigest()[:16]
 
     # -- accounting --------------------------------------------------------------------------------------------
     def logical_numel(self) -> int:
