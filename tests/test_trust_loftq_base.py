@@ -187,3 +187,16 @@ def test_peft_side_file_belongs_to_its_weights(loftq2, tmp_path):
     (folder / "lorakit_base.json").write_text("{not json")
     with pytest.raises(AdapterLoadError, match=r"lorakit_base\.json: not valid JSON"):
         lorakit.load(tiny_llama(), folder)
+
+
+def test_to_lora_of_a_loftq_adapter_refuses_a_full_precision_base(loftq2, tmp_path):
+    """The converted LoRA carries LoftQ's change relative to its 4-bit base; on the full-precision model it would
+    compute another function (it used to load there without a word)."""
+    model = load_quantized(tiny_llama(), loftq2["backbone"])
+    lorakit.to_lora(model, "default", new_name="plain")
+    folder = lorakit.save(model, tmp_path / "plain", names=["plain"])
+    full = tiny_llama()
+    before = state(full)
+    with pytest.raises(AdapterLoadError, match="full precision.*fitted to a 4-bit base"):
+        lorakit.load(full, folder)
+    assert_same_state(full, before)

@@ -391,15 +391,21 @@ def build_plan(model: nn.Module, config: AdapterConfig, name: str, init: bool = 
 def check_base_fingerprint(path: str, ops: LayerOps, recorded: str | None) -> None:
     """Raise ValueError (one line: the layer, both fingerprints, the fix) if ``recorded``, the fingerprint of the
     4-bit base an adapter was fitted to, is not that of ``ops``' 4-bit base. Nothing recorded (adapters saved before
-    fingerprints, or needing no particular base) or a full-precision base (refused by the method's own
-    ``check_loaded_layer`` where it matters): no check.
+    fingerprints, or needing no particular base): no check. A full-precision base where a 4-bit one was recorded is
+    refused too (a LoftQ adapter's method says so first; a plain LoRA made from it by ``to_lora`` has only this).
 
     Example:
-        >>> check_base_fingerprint("q_proj", ops_for(nn.Linear(4, 4)), "0123456789abcdef")
+        >>> check_base_fingerprint("q_proj", ops_for(nn.Linear(4, 4)), None)
     """
     have = ops.base_fingerprint()
-    if recorded is None or have is None or have == recorded:
+    if recorded is None or have == recorded:
         return
+    if have is None:
+        raise ValueError(
+            f"{path}: its base is full precision, but this adapter was fitted to a 4-bit base (fingerprint "
+            f"{recorded}; a LoftQ adapter, or a LoRA converted from one) and would compute another function here. "
+            "Fix: load the 4-bit base saved with it (lorakit.quant.load_quantized(fresh_model, folder) on the folder "
+            "lorakit.quant.save_quantized wrote), then load the adapter")
     raise ValueError(
         f"{path}: its 4-bit base (fingerprint {have}) is not the exact one this adapter was fitted to ({recorded}): "
         "its NF4 codes or settings differ (LoftQ with loftq_iter > 1 fits its own base, which a fresh "
