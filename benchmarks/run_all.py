@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--no-peak", action="store_true")
     p.add_argument("--out", type=Path)
-    # "compile" (bench_compile.py: eager vs torch.compile, ~30 min of compiling on 2 busy cores) runs when asked
+    # "compile" (bench_compile.py: eager vs torch.compile; 2-3 min idle, far longer on a busy machine) runs when asked
     p.add_argument("--only", choices=["lora", "methods", "to_lora", "compile"], nargs="+",
                    default=["lora", "methods", "to_lora"])
     p.add_argument("--sections", nargs="+", help="family sections to run (see bench_methods.py --help)")
